@@ -1,0 +1,317 @@
+"""CLIP, Progressive Self-Distillation (PSD) and sigmoid losses over a sharded similarity matrix.
+
+All losses take L2-normalised image embeddings `image` (B, D) and text embeddings `text` (B, D),
+sharded over the mesh's data axes, and the raw `logit_scale` parameter (t = exp(logit_scale),
+clipped to 100). They run inside `jax.shard_map` with the all_gather scheme: each device gathers
+the other modality's embeddings and computes its own b x B slab of rows (its images vs all
+captions) and b x B slab of columns (its captions vs all images), b = B / data shards. No device
+holds the B x B matrix; gradients flow back through the gathers as reduce-scatters.
+
+PSD (see DESIGN.md section 2): rows i and columns j in a random subset S use soft targets
+q = (1 - a) e + a softmax(teacher logits / teacher temperature); the rest keep one-hot targets.
+With soft targets, loss_i = logsumexp_j s_ij - sum_j q_ij s_ij, and its gradient is p - q.
+Returned parts: `clip` (the plain CLIP loss of this batch, both directions), `distill` (mean
+cross-entropy against the teacher distribution over the subset's rows and columns), `alpha`,
+`subset_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from psd_jax import sharding as shd
+
+HIGHEST = jax.lax.Precision.HIGHEST
+LOG_MAX_LOGIT_SCALE = math.log(100.0)
+
+LOSS_KINDS = ('clip', 'psd', 'sigmoid')
+TEACHERS = ('same_pass', 'second_pass', 'ema')
+DIAGONAL_MODES = ('keep', 'remove')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the training loss is. Validated on construction (ValueError naming the key).
+
+    kind: 'clip' | 'psd' | 'sigmoid'.
+    subset_fraction: fraction of each global batch whose rows/columns get soft targets (PSD).
+    teacher: 'same_pass' (this step's logits, no added compute), 'second_pass' (a stop-gradient
+      forward of the same parameters over the subset on the teacher view) or 'ema' (the same with
+      EMA parameters).
+    teacher_temperature: teacher softmax temperature relative to the student's (teacher logits
+      are the teacher's scaled similarities divided by this).
+    teacher_diagonal: 'keep' or 'remove' (drop the matching pair from the teacher distribution and
+      renormalise over the others).
+    ema_momentum: decay of the EMA parameters (teacher='ema').
+    allow_degenerate: accept teacher='same_pass' with temperature 1 and the diagonal kept, which
+      is CLIP with its gradient scaled by (1 - a) (only for tests and ablations).
+    """
+    kind: str = 'psd'
+    subset_fraction: float = 0.5
+    teacher: str = 'same_pass'
+    teacher_temperature: float = 2.0
+    teacher_diagonal: str = 'keep'
+    ema_momentum: float = 0.995
+    allow_degenerate: bool = False
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f'loss.kind={self.kind!r} is not known; allowed: {list(LOSS_KINDS)}')
+        if self.teacher not in TEACHERS:
+            raise ValueError(f'psd.teacher={self.teacher!r} is not known; allowed: '
+                             f'{list(TEACHERS)}')
+        if self.teacher_diagonal not in DIAGONAL_MODES:
+            raise ValueError(f'psd.teacher_diagonal={self.teacher_diagonal!r} is not known; '
+                             f'allowed: {list(DIAGONAL_MODES)}')
+        check_fraction(self.subset_fraction)
+        if not self.teacher_temperature > 0:
+            raise ValueError(f'psd.teacher_temperature={self.teacher_temperature} must be > 0')
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f'psd.ema_momentum={self.ema_momentum} must be in [0, 1)')
+        if self.kind == 'psd' and self.is_degenerate and not self.allow_degenerate:
+            raise ValueError(
+                "psd.teacher='same_pass' with psd.teacher_temperature=1 and "
+                "psd.teacher_diagonal='keep' is degenerate: the soft-target gradient is then "
+                "(1 - a) times the CLIP gradient, with no many-to-many signal. Use a teacher "
+                "temperature other than 1, teacher_diagonal='remove', or another teacher "
+                "(second_pass, ema); set psd.allow_degenerate=True only to study this case.")
+
+    @property
+    def is_degenerate(self) -> bool:
+        return (self.teacher == 'same_pass' and self.teacher_temperature == 1.0
+                and self.teacher_diagonal == 'keep')
+
+    @property
+    def needs_teacher_forward(self) -> bool:
+        return self.kind == 'psd' and self.teacher in ('second_pass', 'ema')
+
+    @classmethod
+    def from_mapping(cls, kind: str, psd: Mapping[str, Any] | None = None) -> 'LossConfig':
+        """Build from a config section, rejecting unknown keys by name."""
+        psd = dict(psd or {})
+        fields = {f.name for f in dataclasses.fields(cls)} - {'kind'}
+        unknown = sorted(set(psd) - fields)
+        if unknown:
+            raise ValueError(f'psd keys {unknown} are not known; allowed: {sorted(fields)}')
+        return cls(kind=kind, **psd)
+
+
+class Teacher(NamedTuple):
+    """Teacher embeddings for a second pass or EMA parameters.
+
+    image, text: (B, D) unit-norm, rows outside the subset may hold anything (they are masked);
+    logit_scale: the teacher's raw logit scale; column_mask: (B,) bool, which items the teacher
+    saw (the subset). A teacher of None means the same pass (this step's own embeddings).
+    """
+    image: jax.Array
+    text: jax.Array
+    logit_scale: jax.Array
+    column_mask: jax.Array
+
+
+def check_fraction(fraction: float) -> None:
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f'psd.subset_fraction={fraction} must be in [0, 1]')
+
+
+def subset_size(batch_size: int, fraction: float) -> int:
+    """Number of items of a global batch that get soft targets."""
+    check_fraction(fraction)
+    return int(round(batch_size * fraction))
+
+
+def subset_indices(rng: jax.Array, batch_size: int, fraction: float) -> jax.Array:
+    """Sorted global indices (k,) of a uniformly random subset of the batch, k = round(f B)."""
+    k = subset_size(batch_size, fraction)
+    return jnp.sort(jax.random.permutation(rng, batch_size)[:k])
+
+
+def subset_mask(indices: jax.Array, batch_size: int) -> jax.Array:
+    """(B,) bool mask of `indices`."""
+    return jnp.zeros((batch_size,), bool).at[indices].set(True)
+
+
+def _check_embeddings(image: jax.Array, text: jax.Array, mesh: Mesh) -> None:
+    if image.ndim != 2 or text.ndim != 2:
+        raise ValueError(f'image and text embeddings must be (batch, dim); got {image.shape} and '
+                         f'{text.shape}')
+    if image.shape[0] != text.shape[0]:
+        raise ValueError(f'image batch {image.shape[0]} and text batch {text.shape[0]} differ; '
+                         'every image needs its caption')
+    if image.shape[1] != text.shape[1]:
+        raise ValueError(f'image dim {image.shape[1]} and text dim {text.shape[1]} differ')
+    shd.check_batch(image.shape[0], mesh, 'embedding batch')
+
+
+def _scale(logit_scale: jax.Array) -> jax.Array:
+    return jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), LOG_MAX_LOGIT_SCALE))
+
+
+def _gather(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return jax.lax.all_gather(x, axes, axis=0, tiled=True) if axes else x
+
+
+def _shard_offset(axes: tuple[str, ...], b: int) -> jax.Array:
+    return jax.lax.axis_index(axes) * b if axes else jnp.int32(0)
+
+
+def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _slab(local: jax.Array, others: jax.Array, scale: jax.Array) -> jax.Array:
+    """scale * local @ others.T: (b, D) x (B, D) -> (b, B) in float32."""
+    return scale * jnp.einsum('id,jd->ij', local, others, precision=HIGHEST,
+                              preferred_element_type=jnp.float32)
+
+
+def _teacher_probs(logits: jax.Array, valid: jax.Array, fallback: jax.Array) -> jax.Array:
+    """Softmax over the valid columns of each row; rows with none fall back to `fallback`."""
+    masked = jnp.where(valid, logits, -jnp.inf)
+    m = jnp.max(masked, axis=1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(valid, jnp.exp(masked - m), 0.0)
+    z = jnp.sum(e, axis=1, keepdims=True)
+    return jnp.where(z > 0, e / jnp.where(z > 0, z, 1.0), fallback)
+
+
+def _direction(s: jax.Array, positives: jax.Array, row_weight: jax.Array,
+               teacher_logits: jax.Array | None, teacher_valid: jax.Array) -> tuple:
+    """Per-row losses of one direction of one device's slab.
+
+    s: (b, B) student logits; positives: (b,) global column index of each row's pair;
+    row_weight: (b,) a for rows in the subset, 0 elsewhere; teacher_logits: (b, B) or None.
+    Returns (row loss, hard CE, soft CE against the teacher), each (b,).
+    """
+    lse = jax.nn.logsumexp(s, axis=1)
+    hard = lse - jnp.take_along_axis(s, positives[:, None], axis=1)[:, 0]
+    if teacher_logits is None:
+        return hard, hard, jnp.zeros_like(hard)
+    onehot = jax.nn.one_hot(positives, s.shape[1], dtype=s.dtype)
+    p_t = jax.lax.stop_gradient(_teacher_probs(teacher_logits, teacher_valid, onehot))
+    soft = lse - jnp.sum(p_t * s, axis=1)
+    return hard + row_weight * (soft - hard), hard, soft
+
+
+def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_columns, *,
+                 axes, batch_size, with_teacher, same_pass, remove_diagonal, inv_temperature):
+    """Body run on each device: local (b, D) embeddings, replicated scalars and (B,) masks."""
+    b = image.shape[0]
+    offset = _shard_offset(axes, b)
+    positives = offset + jnp.arange(b)
+    all_text, all_image = _gather(text, axes), _gather(image, axes)
+    t = _scale(scale)
+    s_rows, s_cols = _slab(image, all_text, t), _slab(text, all_image, t)
+    if not with_teacher:
+        loss_r, hard_r, soft_r = _direction(s_rows, positives, None, None, None)
+        loss_c, hard_c, soft_c = _direction(s_cols, positives, None, None, None)
+        local_subset = jnp.zeros((b,), jnp.float32)
+    else:
+        local_subset = jax.lax.dynamic_slice_in_dim(subset, offset, b).astype(jnp.float32)
+        weight = alpha * local_subset
+        valid = jnp.broadcast_to(t_columns[None, :], s_rows.shape)
+        if remove_diagonal:
+            valid = valid & (jnp.arange(batch_size)[None, :] != positives[:, None])
+        if same_pass:
+            tl_rows, tl_cols = s_rows * inv_temperature, s_cols * inv_temperature
+        else:
+            ts = _scale(t_scale) * inv_temperature
+            tl_rows = _slab(t_image, _gather(t_text, axes), ts)
+            tl_cols = _slab(t_text, _gather(t_image, axes), ts)
+        loss_r, hard_r, soft_r = _direction(s_rows, positives, weight, tl_rows, valid)
+        loss_c, hard_c, soft_c = _direction(s_cols, positives, weight, tl_cols, valid)
+    total = _psum(jnp.sum(loss_r) + jnp.sum(loss_c), axes) / (2 * batch_size)
+    clip = _psum(jnp.sum(hard_r) + jnp.sum(hard_c), axes) / (2 * batch_size)
+    n_subset = _psum(jnp.sum(local_subset), axes)
+    distill = _psum(jnp.sum(local_subset * (soft_r + soft_c)), axes) / (
+        2 * jnp.maximum(n_subset, 1.0))
+    return total, {'clip': clip, 'distill': distill, 'subset_size': n_subset}
+
+
+def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
+             subset: jax.Array | None = None, alpha: float | jax.Array = 0.0,
+             teacher: Teacher | None = None, teacher_temperature: float = 1.0,
+             teacher_diagonal: str = 'keep') -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The PSD contrastive loss; CLIP when `subset` is None.
+
+    image, text: (B, D) unit-norm embeddings sharded over the data axes; logit_scale: scalar;
+    subset: (B,) bool, the items whose row and column get soft targets; alpha: the mixing weight
+    a; teacher: None for the same pass, else a `Teacher` (second pass / EMA);
+    teacher_temperature: relative to the student's. Returns (scalar loss, parts).
+    """
+    _check_embeddings(image, text, mesh)
+    if teacher_diagonal not in DIAGONAL_MODES:
+        raise ValueError(f'teacher_diagonal={teacher_diagonal!r} is not known; allowed: '
+                         f'{list(DIAGONAL_MODES)}')
+    if not teacher_temperature > 0:
+        raise ValueError(f'teacher_temperature={teacher_temperature} must be > 0')
+    batch_size = image.shape[0]
+    with_teacher = subset is not None
+    same_pass = teacher is None
+    if with_teacher and subset.shape != (batch_size,):
+        raise ValueError(f'subset mask has shape {subset.shape}, expected ({batch_size},)')
+    if not same_pass:
+        for name, x in (('teacher.image', teacher.image), ('teacher.text', teacher.text)):
+            if x.shape != image.shape:
+                raise ValueError(f'{name} has shape {x.shape}, expected {image.shape}')
+    axes = shd.data_axes(mesh)
+    rows = shd.batch_spec(mesh)
+    zero = jnp.zeros((), jnp.float32)
+    if subset is None:
+        subset = jnp.zeros((batch_size,), bool)
+    if same_pass:
+        teacher = Teacher(jnp.zeros_like(image), jnp.zeros_like(text), zero,
+                          jnp.ones((batch_size,), bool))
+    body = jax.shard_map(
+        lambda *a: _contrastive(
+            *a, axes=axes, batch_size=batch_size, with_teacher=with_teacher, same_pass=same_pass,
+            remove_diagonal=teacher_diagonal == 'remove',
+            inv_temperature=1.0 / teacher_temperature),
+        mesh=mesh,
+        in_specs=(rows, rows, P(), P(), P(), rows, rows, P(), P()),
+        out_specs=(P(), {'clip': P(), 'distill': P(), 'subset_size': P()}))
+    loss, parts = body(image, text, jnp.asarray(logit_scale, jnp.float32), subset,
+                       jnp.asarray(alpha, jnp.float32),
+                       jax.lax.stop_gradient(teacher.image), jax.lax.stop_gradient(teacher.text),
+                       jax.lax.stop_gradient(jnp.asarray(teacher.logit_scale, jnp.float32)),
+                       teacher.column_mask)
+    parts['alpha'] = jnp.asarray(alpha, jnp.float32) if with_teacher else zero
+    return loss, parts
+
+
+def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *,
+              mesh: Mesh) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CLIP InfoNCE, both directions over the global batch: (B, D), (B, D), scalar -> loss."""
+    return psd_loss(image, text, logit_scale, mesh=mesh)
+
+
+def _sigmoid(image, text, scale, bias, *, axes):
+    b = image.shape[0]
+    positives = _shard_offset(axes, b) + jnp.arange(b)
+    logits = _slab(image, _gather(text, axes), _scale(scale)) + bias
+    labels = jnp.where(jnp.arange(logits.shape[1])[None, :] == positives[:, None], 1.0, -1.0)
+    batch_size = logits.shape[1]
+    loss = -_psum(jnp.sum(jax.nn.log_sigmoid(labels * logits)), axes) / batch_size
+    return loss
+
+
+def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
+                 logit_bias: jax.Array, *, mesh: Mesh) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SigLIP: -1/B sum_ij log sigmoid(z_ij (t u_i.v_j + bias)), z = +1 on pairs, -1 elsewhere.
+
+    Each device scores its b images against all B captions (all_gather of the captions).
+    """
+    _check_embeddings(image, text, mesh)
+    axes = shd.data_axes(mesh)
+    rows = shd.batch_spec(mesh)
+    loss = jax.shard_map(lambda *a: _sigmoid(*a, axes=axes), mesh=mesh,
+                         in_specs=(rows, rows, P(), P()), out_specs=P())(
+        image, text, jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32))
+    zero = jnp.zeros((), jnp.float32)
+    return loss, {'sigmoid': loss, 'alpha': zero, 'subset_size': zero}

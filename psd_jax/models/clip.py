@@ -1,0 +1,62 @@
+"""The two-tower dual encoder: image tower + text tower + the learnable logit scale."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+MAX_LOGIT_SCALE = 100.0
+LOG_MAX_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Unit-normalise the last axis in float32 (embeddings enter the loss in float32)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def logit_scale_value(logit_scale: jax.Array) -> jax.Array:
+    """t = exp(logit_scale), never above 100 (CLIP's clip)."""
+    return jnp.exp(jnp.minimum(logit_scale, LOG_MAX_LOGIT_SCALE))
+
+
+class DualEncoder(nn.Module):
+    """CLIP-style dual encoder.
+
+    `__call__(images (B,H,W,3), tokens (B,L))` returns L2-normalised image embeddings (B, D),
+    text embeddings (B, D) and the raw `logit_scale` parameter (a scalar; the loss applies
+    `logit_scale_value`). `logit_bias` exists only when `init_logit_bias` is set (sigmoid loss).
+    """
+    image_tower: nn.Module
+    text_tower: nn.Module
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
+
+    def setup(self):
+        self.logit_scale = self.param(
+            'logit_scale', nn.with_logical_partitioning(
+                nn.initializers.constant(self.init_logit_scale), ()), ())
+        if self.init_logit_bias is not None:
+            self.logit_bias = self.param(
+                'logit_bias', nn.with_logical_partitioning(
+                    nn.initializers.constant(self.init_logit_bias), ()), ())
+
+    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """(B,H,W,3) -> (B,D) unit-norm float32."""
+        return l2_normalize(self.image_tower(images, train=train))
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """(B,L) int -> (B,D) unit-norm float32."""
+        return l2_normalize(self.text_tower(tokens))
+
+    def __call__(self, images: jax.Array, tokens: jax.Array,
+                 train: bool = False) -> dict[str, Any]:
+        out = {'image': self.encode_image(images, train), 'text': self.encode_text(tokens),
+               'logit_scale': self.logit_scale}
+        if self.init_logit_bias is not None:
+            out['logit_bias'] = self.logit_bias
+        return out

@@ -1,0 +1,61 @@
+"""The ViT image tower of CLIP: patchify -> [class token] + positions -> transformer -> project."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from psd_jax.models.layers import Dtype, Transformer, layer_norm, normal
+
+POOLS = ('token', 'mean')
+
+
+class VisionTransformer(nn.Module):
+    """images (batch, H, W, 3) -> embeddings (batch, embed_dim), not yet normalised.
+
+    `pool='token'` reads the class token (CLIP); `pool='mean'` averages the patch tokens and has no
+    class token. The projection to the shared space has no bias, as in CLIP.
+    """
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    heads: int
+    embed_dim: int
+    mlp_ratio: float = 4.0
+    pool: str = 'token'
+    act: str = 'quick_gelu'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout or batch statistics in this tower
+        if self.pool not in POOLS:
+            raise ValueError(f'pool={self.pool!r} is not known; allowed: {list(POOLS)}')
+        if self.image_size % self.patch_size:
+            raise ValueError(f'image_size={self.image_size} is not a multiple of '
+                             f'patch_size={self.patch_size}')
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f'images have spatial shape {images.shape[1:3]}, the model expects '
+                             f'{(self.image_size, self.image_size)}')
+        scale = self.width ** -0.5
+        x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
+                    padding='VALID', use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=normal(0.02, (None, None, None, 'embed')),
+                    name='patch_embed')(images.astype(self.dtype))
+        x = x.reshape(x.shape[0], -1, self.width)
+        if self.pool == 'token':
+            cls = self.param('class_embedding', normal(scale, ('embed',)), (self.width,))
+            cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        pos = self.param('positional_embedding', normal(scale, (None, 'embed')),
+                         (x.shape[1], self.width))
+        x = x + pos.astype(self.dtype)
+        x = layer_norm(self.dtype, name='ln_pre')(x)
+        x = Transformer(self.depth, self.heads, self.mlp_ratio, self.act, causal=False,
+                        dtype=self.dtype, name='transformer')(x)
+        pooled = x[:, 0] if self.pool == 'token' else x.mean(axis=1)
+        pooled = layer_norm(self.dtype, name='ln_post')(pooled)
+        proj = self.param('proj', normal(scale, ('embed', 'joint')), (self.width, self.embed_dim))
+        return pooled @ proj.astype(self.dtype)

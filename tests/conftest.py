@@ -1,0 +1,28 @@
+"""Test setup: 8 emulated CPU devices and JAX's persistent compilation cache.
+
+Both must be set before the first JAX computation, so they live here, at import time of the
+test session. Meshes of 1, 2 and 4 devices are built from subsets of the 8.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+CACHE = pathlib.Path(os.environ.get('PSD_JAX_TEST_CACHE',
+                                    pathlib.Path.home() / '.cache' / 'psd_jax' / 'jax_cache'))
+CACHE.mkdir(parents=True, exist_ok=True)
+jax.config.update('jax_compilation_cache_dir', str(CACHE))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+@pytest.fixture(scope='session')
+def devices():
+    devs = jax.devices()
+    assert len(devs) == 8, f'tests expect 8 emulated CPU devices, found {len(devs)}'
+    return devs
