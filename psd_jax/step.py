@@ -1,0 +1,210 @@
+"""The train state, its sharded initialisation, and the pure train step.
+
+`train_step(setup, state, batch) -> (state, metrics)` is a module-level pure function;
+`compile_train_step` jits it once with explicit in/out shardings and the state donated.
+batch: {'image': (B, H, W, 3) float, 'text': (B, L) int32, optional 'teacher_image': the
+un-augmented view used by second-pass / EMA teachers (defaults to 'image')}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+
+from psd_jax import losses
+from psd_jax import sharding as shd
+from psd_jax.models.clip import LOG_MAX_LOGIT_SCALE
+
+NO_DECAY_LEAVES = ('bias', 'scale', 'logit_scale', 'logit_bias', 'class_embedding')
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes. ema_params is None unless the teacher is 'ema'."""
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """The static parts of a train step: model, optimizer, loss and schedules, mesh."""
+    model: nn.Module
+    tx: optax.GradientTransformation
+    loss: losses.LossConfig
+    alpha_fn: Callable
+    lr_fn: Callable
+    mesh: Mesh
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True where AdamW decays: matrices and embeddings; not gains, biases or the logit scale."""
+    def decays(path, leaf):
+        keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        return bool(keys) and keys[-1] not in NO_DECAY_LEAVES and leaf.ndim >= 2
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(lr_fn: Callable, weight_decay: float = 0.2, b1: float = 0.9,
+                   b2: float = 0.98, eps: float = 1e-6,
+                   grad_clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+    """AdamW (CLIP's betas and epsilon) with decay masked off gains/biases/logit scale, after
+    clipping the global gradient norm to `grad_clip_norm` (None: no clipping)."""
+    parts = [] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]
+    parts.append(optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mask=weight_decay_mask))
+    return optax.chain(*parts)
+
+
+def _dummy_inputs(model: nn.Module) -> tuple[jax.Array, jax.Array]:
+    size = model.image_tower.image_size
+    return (jnp.zeros((1, size, size, 3), jnp.float32),
+            jnp.zeros((1, model.text_tower.context_length), jnp.int32))
+
+
+def _create_state(setup: StepSetup, rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    variables = nn.meta.unbox(setup.model.init(init_rng, *_dummy_inputs(setup.model)))
+    params = variables['params']
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get('batch_stats', {}), opt_state=setup.tx.init(params),
+        ema_params=params if setup.loss.teacher == 'ema' and setup.loss.kind == 'psd' else None,
+        rng=state_rng)
+
+
+def state_shardings(setup: StepSetup, strategy: str = 'replicated') -> TrainState:
+    """NamedShardings for every leaf of the train state (parameters placed by `strategy`)."""
+    mesh = setup.mesh
+    boxed = jax.eval_shape(setup.model.init, jax.random.key(0), *_dummy_inputs(setup.model))
+    var_sh = shd.param_shardings(boxed, mesh, strategy)
+    params_sh = var_sh['params']
+    abstract = jax.eval_shape(functools.partial(_create_state, setup), jax.random.key(0))
+    opt_sh = optax.tree_utils.tree_map_params(
+        setup.tx, lambda _, s: s, abstract.opt_state, params_sh,
+        transform_non_params=lambda _: shd.replicated(mesh))
+    return TrainState(step=shd.replicated(mesh), params=params_sh,
+                      batch_stats=var_sh.get('batch_stats', {}), opt_state=opt_sh,
+                      ema_params=params_sh if abstract.ema_params is not None else None,
+                      rng=shd.replicated(mesh))
+
+
+def init_state(setup: StepSetup, rng: jax.Array, strategy: str = 'replicated') -> TrainState:
+    """Initialise the train state directly into its sharding (no host copy of the parameters)."""
+    shardings = state_shardings(setup, strategy)
+    return jax.jit(functools.partial(_create_state, setup), out_shardings=shardings)(rng)
+
+
+def _teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Array,
+             batch_size: int) -> losses.Teacher | None:
+    """Teacher embeddings of a stop-gradient forward over the subset (second_pass / ema)."""
+    if not setup.loss.needs_teacher_forward:
+        return None
+    k = indices.shape[0]
+    mask = losses.subset_mask(indices, batch_size)
+    params = state.ema_params if setup.loss.teacher == 'ema' else state.params
+    dim = setup.model.image_tower.embed_dim
+    if k == 0:
+        empty = jnp.zeros((batch_size, dim), jnp.float32)
+        return losses.Teacher(empty, empty, params['logit_scale'], mask)
+    n = shd.data_size(setup.mesh)
+    padded = math.ceil(k / n) * n  # pad to whole shards; padding rows are dropped below
+    idx = jnp.concatenate([indices, jnp.broadcast_to(indices[:1], (padded - k,))])
+    images = batch.get('teacher_image', batch['image'])[idx]
+    texts = batch['text'][idx]
+    images, texts = (jax.lax.with_sharding_constraint(x, shd.batch_sharding(setup.mesh))
+                     for x in (images, texts))
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    out = setup.model.apply(variables, images, texts, train=False)  # running BN statistics
+    out = jax.lax.stop_gradient(out)
+
+    def scatter(x):
+        return jnp.zeros((batch_size, dim), jnp.float32).at[indices].set(x[:k])
+
+    return losses.Teacher(scatter(out['image']), scatter(out['text']), out['logit_scale'], mask)
+
+
+def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
+                 indices: jax.Array | None, alpha: jax.Array) -> tuple[jax.Array, dict]:
+    """Dispatch on the loss kind. out: the model's outputs for the batch."""
+    cfg, mesh = setup.loss, setup.mesh
+    if cfg.kind == 'sigmoid':
+        return losses.sigmoid_loss(out['image'], out['text'], out['logit_scale'],
+                                   out['logit_bias'], mesh=mesh)
+    if cfg.kind == 'clip':
+        return losses.clip_loss(out['image'], out['text'], out['logit_scale'], mesh=mesh)
+    batch_size = out['image'].shape[0]
+    return losses.psd_loss(
+        out['image'], out['text'], out['logit_scale'], mesh=mesh,
+        subset=losses.subset_mask(indices, batch_size), alpha=alpha, teacher=teacher,
+        teacher_temperature=cfg.teacher_temperature, teacher_diagonal=cfg.teacher_diagonal)
+
+
+def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimisation step on a global batch. Pure: the same inputs give the same outputs."""
+    batch_size = batch['image'].shape[0]
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    alpha = setup.alpha_fn(state.step)
+    indices = None
+    if setup.loss.kind == 'psd':
+        indices = losses.subset_indices(step_rng, batch_size, setup.loss.subset_fraction)
+    teacher = _teacher(setup, state, batch, indices, batch_size) if indices is not None else None
+    has_bn = bool(state.batch_stats)
+
+    def loss_fn(params):
+        variables = {'params': params, 'batch_stats': state.batch_stats}
+        if has_bn:
+            out, mutated = setup.model.apply(variables, batch['image'], batch['text'],
+                                             train=True, mutable=['batch_stats'])
+        else:
+            out, mutated = setup.model.apply(variables, batch['image'], batch['text'],
+                                             train=True), {}
+        loss, parts = compute_loss(setup, out, teacher, indices, alpha)
+        return loss, (parts, mutated)
+
+    (loss, (parts, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0,
+                                                 LOG_MAX_LOGIT_SCALE)}
+    ema = state.ema_params
+    if ema is not None:
+        m = setup.loss.ema_momentum
+        ema = jax.tree.map(lambda e, p: m * e + (1 - m) * p, ema, params)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=mutated.get('batch_stats', state.batch_stats),
+                              ema_params=ema)
+    metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
+               'grad_norm': optax.tree.norm(grads),
+               'logit_scale': jnp.exp(jnp.minimum(params['logit_scale'], LOG_MAX_LOGIT_SCALE))}
+    return new_state, metrics
+
+
+def compile_train_step(setup: StepSetup, shardings: TrainState, batch_example: dict):
+    """jit `train_step` once: state sharded as `shardings` and donated, batch over the data axes,
+    metrics replicated. Returns the AOT-compiled function (its `memory_analysis()` is
+    available) for batches shaped like `batch_example` (arrays or ShapeDtypeStructs)."""
+    for name in ('image', 'text'):
+        if name not in batch_example:
+            raise ValueError(f"batch is missing {name!r}; it needs 'image' and 'text'")
+    shd.check_batch(batch_example['image'].shape[0], setup.mesh, 'global batch')
+    batch_sh = {k: shd.batch_sharding(setup.mesh) for k in batch_example}
+    jitted = jax.jit(functools.partial(train_step, setup), in_shardings=(shardings, batch_sh),
+                     out_shardings=(shardings, shd.replicated(setup.mesh)), donate_argnums=0)
+    abstract_state = jax.tree.map(
+        lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shardings,
+        jax.eval_shape(functools.partial(_create_state, setup), jax.random.key(0)))
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
+                      for k, v in batch_example.items()}
+    return jitted.lower(abstract_state, abstract_batch).compile()
