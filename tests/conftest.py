@@ -1,13 +1,19 @@
 """Test setup: 8 emulated CPU devices and JAX's persistent compilation cache.
 
 Both must be set before the first JAX computation, so they live here, at import time of the
-test session. Meshes of 1, 2 and 4 devices are built from subsets of the 8.
+test session. Meshes of 1, 2 and 4 devices are built from subsets of the 8. Compilation
+dominates test time on tiny models, so the CPU backend compiles at LLVM optimisation level 0
+(about a third less wall time; the programs, and so the numerics, are the same HLO).
 """
 
 import os
 import pathlib
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+_flags = os.environ.get('XLA_FLAGS', '')
+for _flag in ('--xla_force_host_platform_device_count=8', '--xla_backend_optimization_level=0'):
+    if _flag.split('=')[0] not in _flags:
+        _flags += ' ' + _flag
+os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
