@@ -94,3 +94,34 @@ def test_eight_devices_match_one(devices, case):
         assert a['subset_size'] == b['subset_size'] == round(B * loss.subset_fraction)
         for key in ('loss', 'clip', 'distill', 'grad_norm'):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f'{key} (seed {seed})')
+
+
+@pytest.mark.parametrize('fraction', [0.25, 0.0])
+def test_second_pass_teacher_is_a_forward_over_the_subset(devices, fraction):
+    """The teacher pass embeds exactly the subset's items (padded to whole shards, padding
+    dropped) on the teacher view, with the model's parameters, and nothing else."""
+    loss = losses.LossConfig(teacher='second_pass', subset_fraction=fraction,
+                             teacher_temperature=0.5)
+    setup = make_setup('tiny', loss, sharding.make_mesh({'data': 8}, devices))
+    state = step.init_state(setup, jax.random.key(2))
+    batch = jax.device_put(next(batches(int(np.random.SeedSequence().entropy % 2**32))),
+                           sharding.batch_sharding(setup.mesh))
+    idx = losses.subset_indices(jax.random.key(3), B, fraction)
+
+    @jax.jit
+    def run(state, batch, idx):
+        teacher = step._teacher(setup, state, batch, idx, B)
+        full = setup.model.apply({'params': state.params}, batch['teacher_image'],
+                                 batch['text'])
+        return teacher, full
+
+    teacher, full = jax.device_get(run(state, batch, idx))
+    idx = np.asarray(idx)
+    assert idx.size == round(B * fraction)
+    mask = np.zeros(B, bool)
+    mask[idx] = True
+    np.testing.assert_array_equal(teacher.column_mask, mask)
+    np.testing.assert_allclose(teacher.image[idx], full['image'][idx], atol=2e-6)
+    np.testing.assert_allclose(teacher.text[idx], full['text'][idx], atol=2e-6)
+    assert not np.any(teacher.image[~mask]) and not np.any(teacher.text[~mask])
+    assert float(teacher.logit_scale) == pytest.approx(float(full['logit_scale']))
