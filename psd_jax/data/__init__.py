@@ -1,0 +1,1 @@
+"""The input side: tokenizers, data fetching, tfds builders and grain pipelines."""

@@ -1,0 +1,149 @@
+"""grain input pipelines over tfds ArrayRecord data sources.
+
+Random access from `tfds.data_source`; per-host sharding (`ShardByJaxProcess`); a seeded global
+shuffle, different every epoch; decoding; CLIP image preprocessing (random resized crop for
+training, resize + centre crop for evaluation, CLIP mean/std); tokenisation; batching to this
+host's share of the global batch; worker processes. `iterator.get_state()` /
+`set_state()` make the position checkpointable, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import grain.python as grain
+from absl import flags
+import jax
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def _as_text(x: Any) -> str:
+    return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 with CLIP's mean/std."""
+    return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.9, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """A random crop covering `scale` of the area with aspect in `ratio`, resized to size^2."""
+    h, w = image.shape[:2]
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            break
+    else:
+        ch, cw = min(h, w), min(h, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    crop = Image.fromarray(image[top:top + ch, left:left + cw])
+    return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to `size`, then take the central size x size crop."""
+    h, w = image.shape[:2]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    im = Image.fromarray(image)
+    if (nh, nw) != (h, w):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.asarray(im)[top:top + size, left:left + size]
+
+
+class CaptionNoise(grain.RandomAccessDataSource):
+    """Shuffles the captions of a seeded `fraction` of the records among themselves (noise
+    injection for experiments); images, labels and the other records are untouched."""
+
+    def __init__(self, source: Any, fraction: float, seed: int, caption_key: str = 'caption'):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f'data.caption_noise={fraction} must be in [0, 1]')
+        self.source, self.caption_key = source, caption_key
+        n = len(source)
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
+        self.caption_of = np.arange(n)
+        if chosen.size > 1:  # a cyclic shift of a random order: no chosen record keeps its own
+            order = rng.permutation(chosen)
+            self.caption_of[order] = np.roll(order, 1)
+        self.corrupted = np.flatnonzero(self.caption_of != np.arange(n))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = dict(self.source[index])
+        donor = int(self.caption_of[index])
+        if donor != index:
+            record[self.caption_key] = self.source[donor][self.caption_key]
+        return record
+
+
+@dataclasses.dataclass
+class Preprocess(grain.RandomMapTransform):
+    """Decoded tfds record -> {'image': float32 (S, S, 3), 'text': int32 (L,), ...labels}."""
+    image_size: int
+    tokenizer: Callable
+    context_length: int
+    train: bool
+    keep: Sequence[str] = ('label',)
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        image = np.asarray(record['image'])
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        elif image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        if self.train:
+            image = random_resized_crop(image, self.image_size, rng)
+        else:
+            image = resize_center_crop(image, self.image_size)
+        out = {'image': normalize(image),
+               'text': self.tokenizer(_as_text(record['caption']), self.context_length)}
+        for key in self.keep:
+            if key in record:
+                out[key] = np.asarray(record[key])
+        return out
+
+
+def per_host_batch(global_batch: int) -> int:
+    """This host's share of the global batch."""
+    hosts = jax.process_count()
+    if global_batch % hosts:
+        raise ValueError(f'global batch {global_batch} does not divide across {hosts} hosts')
+    return global_batch // hosts
+
+
+def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: Callable,
+                context_length: int, train: bool, seed: int = 0, num_epochs: int | None = None,
+                worker_count: int = 0, keep: Sequence[str] = ('label',),
+                drop_remainder: bool = True) -> grain.DataLoader:
+    """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
+
+    Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`.
+    Evaluation (`train=False`): in order, one epoch. Yields this host's batches.
+    """
+    if len(source) == 0:
+        raise ValueError('the data source is empty')
+    if worker_count and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside an absl app
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.ShardByJaxProcess(drop_remainder=drop_remainder),
+        shuffle=train, num_epochs=num_epochs if train else 1, seed=seed)
+    ops = [Preprocess(image_size, tokenizer, context_length, train, tuple(keep)),
+           grain.Batch(per_host_batch(global_batch), drop_remainder=drop_remainder)]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                            worker_count=worker_count)
