@@ -8,11 +8,13 @@ need it skip with that command as the reason when it is absent.
 from __future__ import annotations
 
 import gzip
+import pathlib
 
 import numpy as np
 import pytest
 
-from psd_jax.data import fetch, pipeline
+from psd_jax.data import classnames, datasets, fetch, pipeline
+from psd_jax.data.fashion_mnist import CLASS_NAMES, DEFAULT_PATH, read_idx
 from psd_jax.data.tokenizers import ClipTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 VOCAB = fetch.cache_dir() / fetch.CLIP_VOCAB_NAME
@@ -20,6 +22,9 @@ SOURCES = fetch.cache_dir() / 'emoji_sources'
 needs_vocab = pytest.mark.skipif(
     not VOCAB.exists(), reason=f'CLIP vocabulary absent at {VOCAB}: run '
                                '`python -m psd_jax.data.fetch clip_vocab`')
+needs_fashion_mnist = pytest.mark.skipif(
+    not pathlib.Path(DEFAULT_PATH).is_dir(),
+    reason=f'Fashion-MNIST absent at {DEFAULT_PATH}: `apt-get install dataset-fashion-mnist`')
 needs_emoji = pytest.mark.skipif(
     not (SOURCES / '.complete').exists(),
     reason=f'emoji sources absent at {SOURCES}: run `python -m psd_jax.data.fetch emoji`')
@@ -55,20 +60,13 @@ def test_bad_vocabulary_files_are_named(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def emoji_dir(tmp_path_factory):
-    import tensorflow_datasets as tfds  # noqa: F401
-    from psd_jax.data.emoji import Emoji
-
-    data_dir = tmp_path_factory.mktemp('tfds')
-    Emoji(data_dir=str(data_dir)).download_and_prepare(file_format='array_record')
-    return str(data_dir)
+def emoji_dir():
+    """The emoji dataset prepared (once, then reused) in the cache's tfds directory."""
+    return str(datasets.prepare('emoji').data_dir_root)
 
 
 def source(emoji_dir, split='google'):
-    import tensorflow_datasets as tfds
-
-    import psd_jax.data.emoji  # noqa: F401  (registers the builder)
-    return tfds.data_source('emoji', split=split, data_dir=emoji_dir)
+    return datasets.data_source('emoji', split=split, data_dir=emoji_dir)
 
 
 @needs_emoji
@@ -82,8 +80,12 @@ def test_emoji_dataset_has_both_styles_with_names_and_groups(emoji_dir):
     assert all(c for c in captions)
     labels = np.array([google[i]['label'] for i in range(len(google))])
     assert set(labels) <= set(range(10)) and len(set(labels)) >= 9
-    with pytest.raises(Exception, match='apple'):
+    with pytest.raises(ValueError, match=r"split 'apple' does not exist in 'emoji'.*google"):
         source(emoji_dir, 'apple')
+    with pytest.raises(FileNotFoundError, match='not prepared in /nonexistent'):
+        datasets.data_source('emoji', 'google', '/nonexistent')
+    names = datasets.prepare('emoji').info.features['label'].names
+    assert list(classnames.EMOJI_GROUPS) == names  # zero-shot names follow the label order
 
 
 @needs_emoji
@@ -165,3 +167,30 @@ def test_clip_preprocessing_shapes_and_normalisation():
     assert center.shape == crop.shape == (32, 32, 3)
     white = pipeline.normalize(np.full((2, 2, 3), 255, np.uint8))
     np.testing.assert_allclose(white[0, 0], (1 - pipeline.CLIP_MEAN) / pipeline.CLIP_STD)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_from_the_debian_package():
+    builder = datasets.prepare('fashion_mnist_local')
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        'train': 60000, 'test': 10000}
+    assert builder.info.features['label'].names == list(CLASS_NAMES)
+    assert classnames.class_names('fashion_mnist_local') == CLASS_NAMES
+    test = datasets.data_source('fashion_mnist_local', 'test')
+    raw_images = read_idx(pathlib.Path(DEFAULT_PATH) / 't10k-images-idx3-ubyte.gz')
+    raw_labels = read_idx(pathlib.Path(DEFAULT_PATH) / 't10k-labels-idx1-ubyte.gz')
+    for record in (test[i] for i in range(0, 10000, 997)):
+        i = int(record['key'])
+        np.testing.assert_array_equal(record['image'][:, :, 0], raw_images[i])
+        assert record['label'] == raw_labels[i]
+    assert np.bincount(raw_labels, minlength=10).tolist() == [1000] * 10
+
+
+@needs_emoji
+def test_emoji_captions_with_keywords():
+    source = datasets.data_source(
+        'emoji/label_keywords', 'google',
+        datasets.prepare('emoji', config='label_keywords').data_dir_root)
+    captions = [source[i]['caption'].decode() for i in range(len(source))]
+    grinning = next(c for c in captions if c.startswith('grinning face,'))
+    assert 'happy' in grinning.split(', ')

@@ -1,0 +1,206 @@
+"""tfds builders for users' own data: img2dataset/webdataset shards and class-folder trees.
+
+Both are prepared to ArrayRecord without TensorFlow (images are checked and, if needed,
+re-encoded with PIL) and read back with `tfds.data_source`:
+
+    builder = ImageTextShards(config=ImageTextShardsConfig(name='cc3m', path='/data/cc3m'),
+                              data_dir='/data/tfds')
+    builder.download_and_prepare(file_format='array_record')
+    source = tfds.data_source('image_text_shards/cc3m', split='train', data_dir='/data/tfds')
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import tarfile
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+from PIL import Image
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+
+
+def checked_image(data: bytes) -> io.BytesIO | None:
+    """The image as bytes tfds can store, or None when it does not decode fully.
+
+    RGB JPEG/PNG bytes are kept as they are; other modes (grey, palette, alpha) are converted to
+    RGB and re-encoded as PNG, so every stored image decodes to (H, W, 3).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes the whole image: truncated files fail here
+            if im.mode == 'RGB' and im.format in ('JPEG', 'PNG'):
+                return io.BytesIO(data)
+            out = io.BytesIO()
+            im.convert('RGB').save(out, format='PNG')
+            return io.BytesIO(out.getvalue())
+    except Exception:  # PIL raises many types for corrupt data  # noqa: BLE001
+        return None
+
+
+def _require_dir(path: str | None, what: str) -> pathlib.Path:
+    if not path:
+        raise ValueError(f'{what}: no data path given (set the builder config\'s `path`)')
+    p = pathlib.Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f'{what}: data directory {p} does not exist')
+    return p
+
+
+class ImageTextShardsConfig(tfds.core.BuilderConfig):
+    """`path`: a directory of img2dataset/webdataset tar shards (optionally `train/`, `val/`
+    sub-directories, else everything is `train`)."""
+
+    def __init__(self, *, path: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path
+
+
+class ImageTextShards(tfds.core.GeneratorBasedBuilder):
+    """Image-caption pairs from tar shards holding KEY.jpg|png, KEY.txt and optional KEY.json
+    (the format CC3M / CC12M / YFCC subsets are downloaded in). Pairs whose image does not decode
+    or whose caption is missing or empty are skipped; the counts are stored in the dataset's
+    metadata (`builder.info.metadata['skipped']`)."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'First version.'}
+    BUILDER_CONFIGS = [ImageTextShardsConfig(name='default')]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'caption': tfds.features.Text(),
+                'key': tfds.features.Text(),
+                'json': tfds.features.Text(),
+            }),
+            metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        root = _require_dir(self.builder_config.path, 'image_text_shards')
+        subdirs = [d for d in ('train', 'validation', 'val', 'test') if (root / d).is_dir()]
+        splits = {('validation' if d == 'val' else d): root / d for d in subdirs} or {
+            'train': root}
+        for split, folder in splits.items():
+            if not sorted(folder.glob('*.tar')):
+                raise FileNotFoundError(f'image_text_shards: no .tar shards in {folder} '
+                                        f'(split {split!r})')
+        self.info.metadata['skipped'] = {}
+        return {split: self._generate_examples(split, folder) for split, folder in splits.items()}
+
+    def _generate_examples(self, split: str, folder: pathlib.Path) -> Iterator:
+        skipped = {'undecodable_image': 0, 'missing_caption': 0, 'missing_image': 0,
+                   'unreadable_shard': 0}
+        self.info.metadata['skipped'][split] = skipped
+        for shard in sorted(folder.glob('*.tar')):
+            try:
+                groups = _read_shard(shard)
+            except (tarfile.TarError, OSError):
+                skipped['unreadable_shard'] += 1
+                continue
+            for key, files in groups.items():
+                image = next((files[s] for s in IMAGE_SUFFIXES if s in files), None)
+                caption = files.get('.txt', b'').decode('utf-8', 'replace').strip()
+                if image is None:
+                    skipped['missing_image'] += 1
+                    continue
+                if not caption:
+                    skipped['missing_caption'] += 1
+                    continue
+                checked = checked_image(image)
+                if checked is None:
+                    skipped['undecodable_image'] += 1
+                    continue
+                meta = files.get('.json', b'{}').decode('utf-8', 'replace')
+                uid = f'{shard.stem}/{key}'
+                yield uid, {'image': checked, 'caption': caption, 'key': uid, 'json': meta}
+
+
+def _read_shard(shard: pathlib.Path) -> dict[str, dict[str, bytes]]:
+    """{key: {suffix: bytes}} of one tar shard (webdataset: files grouped by their stem)."""
+    groups: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name
+            base = name.rsplit('/', 1)[-1]
+            if '.' not in base:
+                continue
+            stem, suffix = base.split('.', 1)
+            key = name[:len(name) - len(base)] + stem
+            groups.setdefault(key, {})['.' + suffix.lower()] = tar.extractfile(member).read()
+    return groups
+
+
+class ImageFolderConfig(tfds.core.BuilderConfig):
+    """`path`: a folder of class sub-folders, or of split folders (train/, test/, ...) each
+    holding class sub-folders."""
+
+    def __init__(self, *, path: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path
+
+
+class ImageFolderClassification(tfds.core.GeneratorBasedBuilder):
+    """Labelled images from class sub-folders, for zero-shot and linear-probe sets of one's own.
+    Class names are the folder names (underscores read as spaces in `caption`)."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'First version.'}
+    BUILDER_CONFIGS = [ImageFolderConfig(name='default')]
+
+    def _layout(self) -> tuple[dict[str, pathlib.Path], list[str]]:
+        root = _require_dir(self.builder_config.path, 'image_folder_classification')
+        split_dirs = [d for d in ('train', 'validation', 'val', 'test') if (root / d).is_dir()]
+        splits = ({('validation' if d == 'val' else d): root / d for d in split_dirs}
+                  or {'train': root})
+        classes = sorted({c.name for folder in splits.values() for c in folder.iterdir()
+                          if c.is_dir()})
+        if not classes:
+            raise FileNotFoundError(f'image_folder_classification: no class sub-folders in '
+                                    f'{list(map(str, splits.values()))}')
+        return splits, classes
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        try:
+            _, classes = self._layout()
+        except (ValueError, FileNotFoundError):
+            classes = None  # reading a prepared dataset: names come from its stored info
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'label': tfds.features.ClassLabel(names=classes) if classes else
+                tfds.features.ClassLabel(num_classes=1),
+                'caption': tfds.features.Text(),
+                'key': tfds.features.Text(),
+            }),
+            supervised_keys=('image', 'label'), metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        splits, classes = self._layout()
+        self.info.metadata['skipped'] = {}
+        return {split: self._generate_examples(split, folder, classes)
+                for split, folder in splits.items()}
+
+    def _generate_examples(self, split: str, folder: pathlib.Path, classes: list[str]):
+        skipped = {'undecodable_image': 0}
+        self.info.metadata['skipped'][split] = skipped
+        for name in classes:
+            class_dir = folder / name
+            if not class_dir.is_dir():
+                continue
+            for path in sorted(class_dir.iterdir()):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                checked = checked_image(path.read_bytes())
+                if checked is None:
+                    skipped['undecodable_image'] += 1
+                    continue
+                key = f'{split}/{name}/{path.name}'
+                yield key, {'image': checked, 'label': name, 'caption': name.replace('_', ' '),
+                            'key': key}

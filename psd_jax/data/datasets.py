@@ -1,0 +1,96 @@
+"""The project's datasets by name: prepare them (once) to ArrayRecord and open data sources.
+
+    python -m psd_jax.data.datasets emoji fashion_mnist_local   # prepare into the cache
+
+Prepared data lives in `<data_dir>` (default `$PSD_JAX_CACHE/tfds`). Reading goes through
+`tfds.data_source`, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from psd_jax.data import builders, fetch
+from psd_jax.data.emoji import Emoji
+from psd_jax.data.fashion_mnist import FashionMnistConfig, FashionMnistLocal
+
+BUILDERS = {
+    'emoji': Emoji,
+    'fashion_mnist_local': FashionMnistLocal,
+    'image_text_shards': builders.ImageTextShards,
+    'image_folder_classification': builders.ImageFolderClassification,
+}
+CONFIGS = {
+    'fashion_mnist_local': FashionMnistConfig,
+    'image_text_shards': builders.ImageTextShardsConfig,
+    'image_folder_classification': builders.ImageFolderConfig,
+}
+
+
+def default_data_dir() -> pathlib.Path:
+    return fetch.cache_dir() / 'tfds'
+
+
+def prepare(name: str, data_dir: str | pathlib.Path | None = None, config: str | None = None,
+            path: str | None = None) -> tfds.core.DatasetBuilder:
+    """Build dataset `name` to ArrayRecord unless already prepared; returns its builder.
+
+    `config` picks a named builder config (emoji: 'label' or 'label_keywords'); `path` points
+    the path-based builders (image_text_shards, image_folder_classification,
+    fashion_mnist_local) at the user's files, under the config name `config` (default 'default').
+    """
+    if name not in BUILDERS:
+        raise ValueError(f'dataset {name!r} is not known; allowed: {sorted(BUILDERS)} (tfds '
+                         'catalog sets are prepared with their own builders)')
+    data_dir = str(data_dir or default_data_dir())
+    kwargs: dict[str, Any] = {'data_dir': data_dir}
+    if path is not None:
+        if name not in CONFIGS:
+            raise ValueError(f'dataset {name!r} takes no path; path-based datasets: '
+                             f'{sorted(CONFIGS)}')
+        kwargs['config'] = CONFIGS[name](name=config or 'default', path=path)
+    elif config is not None:
+        kwargs['config'] = config
+    builder = BUILDERS[name](**kwargs)
+    builder.download_and_prepare(file_format='array_record')
+    return builder
+
+
+def data_source(name: str, split: str, data_dir: str | pathlib.Path | None = None) -> Any:
+    """A random-access source of a prepared dataset (`name` may be 'builder/config').
+
+    Raises ValueError naming the split and the splits that exist, FileNotFoundError naming the
+    directory when the dataset was never prepared there.
+    """
+    data_dir = str(data_dir or default_data_dir())
+    base = name.split('/')[0]
+    if base in BUILDERS:  # make sure the project's builders are registered
+        _ = BUILDERS[base]
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f'dataset {name!r} is not known to tfds: {e}') from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(f'dataset {name!r} is not prepared in {data_dir}: run '
+                                f'`python -m psd_jax.data.datasets {base}` (or prepare it with '
+                                'its tfds builder, file_format="array_record")')
+    splits = sorted(builder.info.splits.keys())
+    if split.split('[')[0] not in splits:
+        raise ValueError(f'split {split!r} does not exist in {name!r}; available: {splits}')
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+def main(argv: list[str]) -> None:
+    names = argv or ['emoji']
+    for name in names:
+        builder = prepare(name)
+        splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+        print(f'{name}: {splits} in {builder.data_dir}')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,179 @@
+"""tfds builders on small files the tests make: tar shards with corrupt images and empty
+captions, a class-folder tree, IDX files; read back through tfds data sources and grain."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pathlib
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from psd_jax.data import builders, pipeline
+from psd_jax.data.fashion_mnist import FashionMnistLocal, FashionMnistConfig, CLASS_NAMES
+
+
+def image_bytes(rng, fmt='JPEG', mode='RGB', size=(40, 30)):
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(array).convert(mode)
+    out = io.BytesIO()
+    im.save(out, format=fmt)
+    return out.getvalue()
+
+
+def add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    """2 train shards + 1 val shard: 14 good pairs, 2 corrupt images, 2 empty captions,
+    1 caption without image; expected counts returned alongside."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp('shards')
+    (root / 'train').mkdir()
+    (root / 'val').mkdir()
+    good = {'train': 0, 'validation': 0}
+    with tarfile.open(root / 'train' / '00000.tar', 'w') as tar:
+        for i in range(6):
+            add(tar, f'{i:05d}.jpg', image_bytes(rng))
+            add(tar, f'{i:05d}.txt', f'a photo number {i}'.encode())
+            add(tar, f'{i:05d}.json', json.dumps({'url': f'http://x/{i}'}).encode())
+        good['train'] += 6
+        add(tar, '00006.jpg', image_bytes(rng)[:200])  # truncated JPEG
+        add(tar, '00006.txt', b'a broken picture')
+        add(tar, '00007.png', image_bytes(rng, 'PNG', 'RGBA'))  # alpha: re-encoded to RGB
+        add(tar, '00007.txt', b'   ')  # empty caption
+        add(tar, '00008.txt', b'a caption without its image')
+    with tarfile.open(root / 'train' / '00001.tar', 'w') as tar:
+        for i in range(5):
+            add(tar, f'{i:05d}.png', image_bytes(rng, 'PNG', 'L'))  # grey: re-encoded to RGB
+            add(tar, f'{i:05d}.txt', f'grey picture {i}'.encode())
+        good['train'] += 5
+        add(tar, '00005.jpg', b'this is not an image')
+        add(tar, '00005.txt', b'garbage')
+    with tarfile.open(root / 'val' / '00000.tar', 'w') as tar:
+        for i in range(3):
+            add(tar, f'{i:05d}.jpg', image_bytes(rng))
+            add(tar, f'{i:05d}.txt', f'held out {i}'.encode())
+        good['validation'] += 3
+        add(tar, '00003.jpg', image_bytes(rng))
+        add(tar, '00003.txt', b'')
+    return root, good
+
+
+def test_image_text_shards_skip_and_count(shards, tmp_path):
+    root, good = shards
+    config = builders.ImageTextShardsConfig(name='tiny', path=str(root))
+    builder = builders.ImageTextShards(config=config, data_dir=str(tmp_path))
+    builder.download_and_prepare(file_format='array_record')
+    assert builder.info.splits['train'].num_examples == good['train']
+    assert builder.info.splits['validation'].num_examples == good['validation']
+    skipped = builder.info.metadata['skipped']
+    assert skipped['train'] == {'undecodable_image': 2, 'missing_caption': 1,
+                                'missing_image': 1, 'unreadable_shard': 0}
+    assert skipped['validation']['missing_caption'] == 1
+    # the counts are stored with the dataset and come back when it is read again
+    reread = tfds.builder('image_text_shards/tiny', data_dir=str(tmp_path))
+    assert reread.info.metadata['skipped']['train']['undecodable_image'] == 2
+    source = tfds.data_source('image_text_shards/tiny', split='train', data_dir=str(tmp_path))
+    records = [source[i] for i in range(len(source))]
+    assert all(r['image'].ndim == 3 and r['image'].shape[2] == 3 for r in records)
+    captions = sorted(r['caption'].decode() for r in records)
+    assert captions[0] == 'a photo number 0' and 'garbage' not in captions
+    urls = [json.loads(r['json'].decode()).get('url') for r in records]
+    assert sum(bool(u) for u in urls) == 6  # the first shard's pairs carry their KEY.json
+
+
+def test_shard_builder_bad_paths_are_named(tmp_path):
+    missing = builders.ImageTextShards(
+        config=builders.ImageTextShardsConfig(name='missing', path=str(tmp_path / 'nope')),
+        data_dir=str(tmp_path / 'out'))
+    with pytest.raises(FileNotFoundError, match='nope does not exist'):
+        missing.download_and_prepare(file_format='array_record')
+    (tmp_path / 'empty').mkdir()
+    empty = builders.ImageTextShards(
+        config=builders.ImageTextShardsConfig(name='empty', path=str(tmp_path / 'empty')),
+        data_dir=str(tmp_path / 'out'))
+    with pytest.raises(FileNotFoundError, match=r'no \.tar shards in .*empty'):
+        empty.download_and_prepare(file_format='array_record')
+
+
+def test_image_folder_classification(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, n in (('train', 3), ('test', 2)):
+        for cls in ('golden_retriever', 'tabby_cat', 'red_apple'):
+            folder = tmp_path / 'tree' / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / f'{i}.jpg').write_bytes(image_bytes(rng))
+    (tmp_path / 'tree' / 'train' / 'red_apple' / 'bad.jpg').write_bytes(b'\xff\xd8 nope')
+    (tmp_path / 'tree' / 'train' / 'red_apple' / 'notes.txt').write_text('ignored')
+    config = builders.ImageFolderConfig(name='tree', path=str(tmp_path / 'tree'))
+    builder = builders.ImageFolderClassification(config=config, data_dir=str(tmp_path / 'out'))
+    builder.download_and_prepare(file_format='array_record')
+    assert builder.info.splits['train'].num_examples == 9
+    assert builder.info.splits['test'].num_examples == 6
+    assert builder.info.features['label'].names == ['golden_retriever', 'red_apple', 'tabby_cat']
+    assert builder.info.metadata['skipped']['train'] == {'undecodable_image': 1}
+    source = tfds.data_source('image_folder_classification/tree', split='test',
+                              data_dir=str(tmp_path / 'out'))
+    labels = sorted(int(source[i]['label']) for i in range(len(source)))
+    assert labels == [0, 0, 1, 1, 2, 2]
+    captions = {source[i]['caption'].decode() for i in range(len(source))}
+    assert captions == {'golden retriever', 'red apple', 'tabby cat'}
+
+
+def write_idx(folder: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray):
+    with gzip.open(folder / f'{prefix}-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>IIII', 2051, len(images), 28, 28) + images.tobytes())
+    with gzip.open(folder / f'{prefix}-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>II', 2049, len(labels)) + labels.tobytes())
+
+
+def test_fashion_mnist_from_idx_files_through_grain(tmp_path):
+    rng = np.random.default_rng(2)
+    images = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+              for p, n in (('train', 30), ('t10k', 10))}
+    labels = {p: rng.integers(0, 10, len(images[p])).astype(np.uint8) for p in images}
+    for p in images:
+        write_idx(tmp_path, p, images[p], labels[p])
+    builder = FashionMnistLocal(config=FashionMnistConfig(name='fake', path=str(tmp_path)),
+                                data_dir=str(tmp_path / 'out'))
+    builder.download_and_prepare(file_format='array_record')
+    assert builder.info.features['label'].names == list(CLASS_NAMES)
+    source = tfds.data_source('fashion_mnist_local/fake', split='test',
+                              data_dir=str(tmp_path / 'out'))
+    assert len(source) == 10
+    by_key = {int(source[i]['key']): source[i] for i in range(len(source))}
+    for i in range(10):
+        np.testing.assert_array_equal(by_key[i]['image'][:, :, 0], images['t10k'][i])
+        assert by_key[i]['label'] == labels['t10k'][i]
+        assert by_key[i]['caption'].decode() == f'a photo of a {CLASS_NAMES[labels["t10k"][i]]}.'
+    loader = pipeline.make_loader(source, global_batch=4, image_size=28, tokenizer=_ids,
+                                  context_length=8, train=False, drop_remainder=False)
+    batches = list(loader)
+    assert sum(len(b['label']) for b in batches) == 10
+    assert batches[0]['image'].shape == (4, 28, 28, 3)
+
+
+def _ids(text, length):
+    out = np.zeros(length, np.int32)
+    ids = [min(ord(c), 255) for c in text][:length]
+    out[:len(ids)] = ids
+    return out
+
+
+def test_fashion_mnist_bad_files_are_named(tmp_path):
+    builder = FashionMnistLocal(config=FashionMnistConfig(name='none', path=str(tmp_path)),
+                                data_dir=str(tmp_path / 'out'))
+    with pytest.raises(FileNotFoundError, match='train-images-idx3-ubyte.gz'):
+        builder.download_and_prepare(file_format='array_record')
