@@ -194,3 +194,22 @@ def test_emoji_captions_with_keywords():
     captions = [source[i]['caption'].decode() for i in range(len(source))]
     grinning = next(c for c in captions if c.startswith('grinning face,'))
     assert 'happy' in grinning.split(', ')
+
+
+def test_class_names_and_templates():
+    wnids, names = classnames.imagenet_classes()
+    assert len(wnids) == len(names) == 1000 and wnids[0] == 'n01440764' and names[0] == 'tench'
+    assert len({n.lower() for n in names}) == 1000  # distinct after the tokenizer lower-cases
+    assert classnames.class_names('imagenet_v2/matched-frequency') == names
+    assert len(classnames.class_names('cifar100')) == 100
+    assert len(set(classnames.class_names('cifar100'))) == 100
+    assert all('{}' in t for t in classnames.templates('imagenet2012'))
+    assert classnames.templates('my_own_set') == classnames.GENERIC_TEMPLATES
+    with pytest.raises(ValueError, match="dataset 'flowers'"):
+        classnames.class_names('flowers')
+
+
+def test_fetch_without_npm_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch.shutil, 'which', lambda name: None)
+    with pytest.raises(RuntimeError, match=r'npm was not found.*npm pack emoji-datasource-google'):
+        fetch.emoji_sources(tmp_path)

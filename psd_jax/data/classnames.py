@@ -6,6 +6,9 @@ each class name is put into every template and the text embeddings are averaged 
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+
 GENERIC_TEMPLATES = (
     'a photo of a {}.',
     'a picture of a {}.',
@@ -44,6 +47,35 @@ EMOJI_GROUPS = {
     'symbols': 'symbol', 'travel-places': 'travel or place',
 }
 
+# tfds ImageNet sets that label in the 1,000-class space (imagenet_r and imagenet_a use 200 of
+# the classes; their evaluation restricts the logits to the classes present).
+IMAGENET_SETS = ('imagenet2012', 'imagenet2012_real', 'imagenet_v2', 'imagenet_sketch',
+                 'imagenet_r', 'imagenet_a')
+
+IMAGENET_TEMPLATES = (
+    'a photo of a {}.', 'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.',
+    'a rendering of a {}.', 'graffiti of a {}.', 'a cropped photo of the {}.',
+    'a tattoo of a {}.', 'a bright photo of a {}.', 'a photo of a clean {}.',
+    'a photo of a dirty {}.', 'a dark photo of the {}.', 'a drawing of a {}.',
+    'a photo of my {}.', 'a plastic {}.', 'a photo of the cool {}.',
+    'a close-up photo of a {}.', 'a black and white photo of the {}.', 'a painting of the {}.',
+    'a pixelated photo of the {}.', 'a sketch of a {}.', 'a cartoon {}.', 'art of the {}.',
+    'a jpeg corrupted photo of a {}.', 'a blurry photo of the {}.', 'a photo of a large {}.',
+    'a photo of a small {}.', 'a toy {}.', 'an embroidered {}.', 'a low resolution photo of a {}.',
+)
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(WordNet ids, readable names) of ImageNet-1k in tfds label order.
+
+    Made by scripts/make_imagenet_classnames.py from WordNet 3.0 lemmas.
+    """
+    text = (importlib.resources.files('psd_jax.data') / 'imagenet_classnames.tsv').read_text()
+    rows = [line.split('\t') for line in text.splitlines() if line]
+    return tuple(r[0] for r in rows), tuple(r[1] for r in rows)
+
+
 TEMPLATES = {
     'cifar10': ('a photo of a {}.', 'a blurry photo of a {}.', 'a low resolution photo of a {}.',
                 'a pixelated photo of the {}.', 'a photo of the small {}.'),
@@ -52,6 +84,7 @@ TEMPLATES = {
     'fashion_mnist_local': ('a photo of a {}.', 'a grey photo of a {}.',
                             'a low resolution photo of a {}.', 'a product photo of a {}.'),
     'emoji': ('an emoji of a {}.', 'a {} emoji.', 'an icon of a {}.', 'a cartoon {}.'),
+    **{name: IMAGENET_TEMPLATES for name in IMAGENET_SETS},
 }
 
 CLASS_NAMES = {
@@ -65,9 +98,12 @@ CLASS_NAMES = {
 def class_names(dataset: str) -> tuple[str, ...]:
     """Readable class names, in label order, for a dataset the project knows."""
     name = dataset.split('/')[0].split(':')[0]
+    if name in IMAGENET_SETS:
+        return imagenet_classes()[1]
     if name not in CLASS_NAMES:
         raise ValueError(f'no class names are kept for dataset {dataset!r}; known: '
-                         f'{sorted(CLASS_NAMES)} (pass class names explicitly for others)')
+                         f'{sorted(CLASS_NAMES) + list(IMAGENET_SETS)} (pass class names '
+                         'explicitly for others)')
     return CLASS_NAMES[name]
 
 
