@@ -100,6 +100,13 @@ def state_shardings(setup: StepSetup, strategy: str = 'replicated') -> TrainStat
                       rng=shd.replicated(mesh))
 
 
+def abstract_state(setup: StepSetup, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs of the train state carrying `shardings` (to compile or restore into)."""
+    shapes = jax.eval_shape(functools.partial(_create_state, setup), jax.random.key(0))
+    return jax.tree.map(lambda sh, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        shardings, shapes)
+
+
 def init_state(setup: StepSetup, rng: jax.Array, strategy: str = 'replicated') -> TrainState:
     """Initialise the train state directly into its sharding (no host copy of the parameters)."""
     shardings = state_shardings(setup, strategy)
@@ -202,9 +209,6 @@ def compile_train_step(setup: StepSetup, shardings: TrainState, batch_example: d
     batch_sh = {k: shd.batch_sharding(setup.mesh) for k in batch_example}
     jitted = jax.jit(functools.partial(train_step, setup), in_shardings=(shardings, batch_sh),
                      out_shardings=(shardings, shd.replicated(setup.mesh)), donate_argnums=0)
-    abstract_state = jax.tree.map(
-        lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shardings,
-        jax.eval_shape(functools.partial(_create_state, setup), jax.random.key(0)))
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
                       for k, v in batch_example.items()}
-    return jitted.lower(abstract_state, abstract_batch).compile()
+    return jitted.lower(abstract_state(setup, shardings), abstract_batch).compile()

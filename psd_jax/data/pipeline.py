@@ -99,6 +99,7 @@ class Preprocess(grain.RandomMapTransform):
     context_length: int
     train: bool
     keep: Sequence[str] = ('label',)
+    teacher_view: bool = False  # also emit 'teacher_image': the un-augmented centre crop
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         image = np.asarray(record['image'])
@@ -106,12 +107,15 @@ class Preprocess(grain.RandomMapTransform):
             image = np.repeat(image[:, :, None], 3, axis=2)
         elif image.shape[2] == 1:
             image = np.repeat(image, 3, axis=2)
+        out = {}
         if self.train:
-            image = random_resized_crop(image, self.image_size, rng)
+            if self.teacher_view:
+                out['teacher_image'] = normalize(resize_center_crop(image, self.image_size))
+            view = random_resized_crop(image, self.image_size, rng)
         else:
-            image = resize_center_crop(image, self.image_size)
-        out = {'image': normalize(image),
-               'text': self.tokenizer(_as_text(record['caption']), self.context_length)}
+            view = resize_center_crop(image, self.image_size)
+        out['image'] = normalize(view)
+        out['text'] = self.tokenizer(_as_text(record['caption']), self.context_length)
         for key in self.keep:
             if key in record:
                 out[key] = np.asarray(record[key])
@@ -129,7 +133,7 @@ def per_host_batch(global_batch: int) -> int:
 def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: Callable,
                 context_length: int, train: bool, seed: int = 0, num_epochs: int | None = None,
                 worker_count: int = 0, keep: Sequence[str] = ('label',),
-                drop_remainder: bool = True) -> grain.DataLoader:
+                drop_remainder: bool = True, teacher_view: bool = False) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
 
     Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`.
@@ -143,7 +147,7 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
         num_records=len(source),
         shard_options=grain.ShardByJaxProcess(drop_remainder=drop_remainder),
         shuffle=train, num_epochs=num_epochs if train else 1, seed=seed)
-    ops = [Preprocess(image_size, tokenizer, context_length, train, tuple(keep)),
+    ops = [Preprocess(image_size, tokenizer, context_length, train, tuple(keep), teacher_view),
            grain.Batch(per_host_batch(global_batch), drop_remainder=drop_remainder)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                             worker_count=worker_count)

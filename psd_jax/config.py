@@ -1,0 +1,175 @@
+"""The default experiment config and its translation into the library's objects.
+
+Every config in configs/ starts from `base_config()` and changes what it needs; the result is
+locked, so a mistyped key fails with the nearest valid one (ml_collections' message).
+`validate(config)` checks values across keys and names the key at fault.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from psd_jax import losses, schedules, sharding, step
+from psd_jax.models import DTYPES, ModelSpec, build_model, preset
+
+C = ml_collections.ConfigDict
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with working defaults (a tiny model on the emoji data)."""
+    config = C()
+    config.seed = 0
+    config.mesh = C({'data': -1, 'fsdp': 1, 'model': 1})
+    config.param_sharding = 'replicated'  # replicated | fsdp | fsdp_tp
+
+    config.model = C()
+    config.model.preset = 'tiny'
+    config.model.dtype = 'float32'  # float32 | bfloat16 (compute; parameters stay float32)
+    config.model.image_size = 32
+    config.model.vocab_size = 49408
+    config.model.context_length = 16
+    config.model.embed_dim = 0  # 0: the preset's
+    config.model.text_pool = 'argmax'  # argmax (CLIP BPE) | last (SentencePiece)
+
+    config.data = C()
+    config.data.dataset = 'emoji'  # a prepared tfds dataset, see psd_jax.data.datasets
+    config.data.builder_config = 'label'
+    config.data.path = ''  # for image_text_shards / image_folder_classification
+    config.data.data_dir = ''  # '' -> $PSD_JAX_CACHE/tfds
+    config.data.train_split = 'google'
+    config.data.tokenizer = 'clip'  # clip | sentencepiece
+    config.data.vocab_path = ''  # '' -> the fetched CLIP vocabulary
+    config.data.global_batch = 64
+    config.data.caption_noise = 0.0  # fraction of training captions shuffled (experiments)
+    config.data.workers = 0
+
+    config.loss = C()
+    config.loss.kind = 'psd'  # clip | psd | sigmoid
+    config.loss.psd = C({'subset_fraction': 0.5, 'teacher': 'same_pass',
+                         'teacher_temperature': 2.0, 'teacher_diagonal': 'keep',
+                         'ema_momentum': 0.995, 'allow_degenerate': False})
+    config.loss.alpha_schedule = 'linear'  # linear | cosine | constant
+    config.loss.alpha_max = 0.5
+    config.loss.alpha_start_step = 0
+
+    config.optim = C()
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 20
+    config.optim.end_lr_fraction = 0.0
+    config.optim.weight_decay = 0.2
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.98
+    config.optim.eps = 1e-6
+    config.optim.grad_clip_norm = 1.0
+
+    config.train = C()
+    config.train.steps = 100
+    config.train.log_every = 10
+    config.train.checkpoint_every = 50
+    config.train.keep_checkpoints = 3
+    config.train.keep_every = 0  # also keep every N-th step's checkpoint (0: none)
+    config.train.eval_every = 0  # 0: only at the end
+    config.train.transfer_guard = 'allow'  # around the step loop: allow | log | disallow
+
+    config.eval = C()
+    config.eval.evaluators = ('retrieval',)
+    config.eval.split = 'twitter'
+    config.eval.batch = 256
+
+    config.metrics = C()
+    config.metrics.tensorboard = True
+    config.metrics.wandb_project = ''
+    config.metrics.peak_flops_per_device = 0.0  # for MFU; 0: not reported
+    return config
+
+
+def paper_base(preset: str, dataset_name: str, data_path: str, global_batch: int, epochs: int,
+               train_pairs: int, lr: float, warmup_steps: int):
+    """CLIP's recipe at 224 px, context 77, bfloat16 compute, FSDP parameters."""
+    config = base_config()
+    config.mesh.data = -1
+    config.param_sharding = 'fsdp'
+    config.model.preset = preset
+    config.model.dtype = 'bfloat16'
+    config.model.image_size = 224
+    config.model.context_length = 77
+    config.data.dataset = 'image_text_shards'
+    config.data.builder_config = dataset_name
+    config.data.path = data_path
+    config.data.train_split = 'train'
+    config.data.global_batch = global_batch
+    config.data.workers = 16
+    config.optim.lr = lr
+    config.optim.warmup_steps = warmup_steps
+    config.optim.weight_decay = 0.2
+    config.optim.b1, config.optim.b2, config.optim.eps = 0.9, 0.98, 1e-6
+    config.optim.grad_clip_norm = 1.0
+    config.train.steps = epochs * train_pairs // global_batch
+    config.train.log_every = 100
+    config.train.checkpoint_every = 1000
+    config.train.keep_every = 10000
+    config.train.eval_every = 5000
+    config.eval.split = 'validation'
+    config.eval.batch = 1024
+    config.loss.kind = 'psd'
+    config.loss.psd.teacher = 'same_pass'
+    config.loss.psd.teacher_temperature = 2.0
+    config.loss.psd.subset_fraction = 0.5
+    config.loss.alpha_schedule = 'linear'
+    config.loss.alpha_max = 0.5
+    return config
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f'config.{key}: {message}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Cross-key checks; each failure names its key and what is allowed."""
+    _check(config.param_sharding in sharding.PARTITION_RULES, 'param_sharding',
+           f'{config.param_sharding!r} is not one of {sorted(sharding.PARTITION_RULES)}')
+    _check(config.model.dtype in DTYPES, 'model.dtype',
+           f'{config.model.dtype!r} is not one of {sorted(DTYPES)}')
+    _check(config.data.tokenizer in ('clip', 'sentencepiece'), 'data.tokenizer',
+           f"{config.data.tokenizer!r} is not one of ['clip', 'sentencepiece']")
+    _check(config.data.global_batch > 0, 'data.global_batch', 'must be positive')
+    _check(0.0 <= config.data.caption_noise <= 1.0, 'data.caption_noise', 'must be in [0, 1]')
+    _check(config.train.steps > 0, 'train.steps', 'must be positive')
+    _check(config.train.log_every > 0, 'train.log_every', 'must be positive')
+    _check(config.optim.warmup_steps <= config.train.steps, 'optim.warmup_steps',
+           f'{config.optim.warmup_steps} exceeds train.steps={config.train.steps}')
+    _check(config.train.transfer_guard in ('allow', 'log', 'disallow'), 'train.transfer_guard',
+           f"{config.train.transfer_guard!r} is not one of ['allow', 'log', 'disallow']")
+    loss_config(config)  # LossConfig validates its own keys
+    schedules.alpha_schedule(config.loss.alpha_schedule, config.loss.alpha_max,
+                             config.train.steps, config.loss.alpha_start_step)
+
+
+def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
+    overrides = {'image_size': config.model.image_size, 'vocab_size': config.model.vocab_size,
+                 'context_length': config.model.context_length,
+                 'text_pool': config.model.text_pool}
+    if config.model.embed_dim:
+        overrides['embed_dim'] = config.model.embed_dim
+    return preset(config.model.preset, **overrides)
+
+
+def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+    return losses.LossConfig.from_mapping(config.loss.kind, config.loss.psd.to_dict())
+
+
+def step_setup(config: ml_collections.ConfigDict, mesh) -> step.StepSetup:
+    """The static parts of the train step, from the config."""
+    loss = loss_config(config)
+    sigmoid = loss.kind == 'sigmoid'
+    model = build_model(model_spec(config), config.model.dtype,
+                        init_logit_bias=-10.0 if sigmoid else None,
+                        init_logit_scale=2.302585 if sigmoid else None)  # SigLIP: t = 10
+    lr = schedules.warmup_cosine(config.optim.lr, config.train.steps, config.optim.warmup_steps,
+                                 config.optim.end_lr_fraction)
+    tx = step.make_optimizer(lr, config.optim.weight_decay, config.optim.b1, config.optim.b2,
+                             config.optim.eps, config.optim.grad_clip_norm or None)
+    alpha = schedules.alpha_schedule(config.loss.alpha_schedule, config.loss.alpha_max,
+                                     config.train.steps, config.loss.alpha_start_step)
+    return step.StepSetup(model, tx, loss, alpha, lr, mesh)

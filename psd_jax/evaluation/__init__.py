@@ -1,0 +1,1 @@
+"""Evaluators: embedding extraction and retrieval (zero-shot and linear probe build on them)."""

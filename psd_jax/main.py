@@ -1,0 +1,81 @@
+"""Entry point: python -m psd_jax.main --config configs/demo.py --workdir /tmp/demo
+
+`--config.key=value` overrides any key; the config is locked, so a mistyped key fails naming
+the nearest valid one. Multi-host runs initialise `jax.distributed` here: on Cloud TPU pods
+automatically, elsewhere from --coordinator_address/--num_processes/--process_id (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
+flags.DEFINE_string('coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+                    'host:port of process 0 for multi-host runs.')
+flags.DEFINE_integer('num_processes', int(os.environ.get('JAX_NUM_PROCESSES', 0) or 0) or None,
+                     'Number of processes in a multi-host run.')
+flags.DEFINE_integer('process_id', int(os.environ.get('JAX_PROCESS_ID', -1)) if
+                     os.environ.get('JAX_PROCESS_ID') else None, 'This process (0-based).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+    """jax.distributed.initialize when the environment asks for it."""
+    import jax
+
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
+        jax.distributed.initialize()  # Cloud TPU pod: everything comes from the metadata
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    initialize_distributed()
+    from psd_jax import train  # after distributed initialisation
+
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ValueError as e:  # config and input errors: one line, no traceback
+        logging.error('%s', e)
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip('\'"').replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ')
+    return ' '.join(text.split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config errors (unknown key, wrong type, bad file) as one line:
+    ml_collections raises AttributeError / TypeError / KeyError / ValueError while applying
+    `--config.key=value` overrides to the locked config."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f'error: {_one_line(e)}', file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, TypeError, KeyError, ValueError) as e:
+        overrides = [a for a in argv[1:] if a.startswith('--config.')]
+        print(f'error: {_one_line(e)} (config overrides: {" ".join(overrides)})',
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+    run()

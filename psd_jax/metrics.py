@@ -1,0 +1,111 @@
+"""Where the numbers go: metrics.jsonl, TensorBoard (tensorboardX), optional Weights & Biases,
+a progress bar or plain log lines, and a PNG plot at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+from typing import Any
+
+from absl import logging
+
+
+class MetricsWriter:
+    """One JSON line per logged step in <workdir>/metrics.jsonl, mirrored to TensorBoard."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, wandb_project: str = '', config: dict | None = None,
+                 active: bool = True):
+        self.workdir = pathlib.Path(workdir)
+        self.active = active  # only process 0 writes
+        self.path = self.workdir / 'metrics.jsonl'
+        self._tb = self._wandb = self._bar = None
+        if not active:
+            return
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
+        if wandb_project:
+            import wandb  # optional: pip install wandb
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(workdir),
+                                     resume='allow')
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit='step',
+                             dynamic_ncols=True)
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        with self.path.open('a') as f:
+            f.write(json.dumps({'step': step, **clean}) + '\n')
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k.replace('@', '_at_'), v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        brief = ' '.join(f'{k}={v:.4g}' for k, v in clean.items()
+                         if k in ('loss', 'clip', 'distill', 'alpha', 'images_per_s')
+                         or k.endswith('R@1'))
+        if self._bar is not None:
+            self._bar.set_postfix_str(brief, refresh=False)
+        else:
+            logging.info('step %d: %s', step, brief)
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+    """The records of a metrics.jsonl (later records for a step win: a resumed run re-logs)."""
+    by_key: dict[tuple, dict] = {}
+    for line in pathlib.Path(path).read_text().splitlines():
+        record = json.loads(line)
+        by_key[(record['step'], tuple(sorted(record)))] = record
+    return sorted(by_key.values(), key=lambda r: r['step'])
+
+
+def plot(workdir: str | pathlib.Path) -> pathlib.Path | None:
+    """<workdir>/metrics.png: loss (and parts), alpha, and evaluation metrics over steps."""
+    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    if not path.exists():
+        return None
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(path)
+    panels = [('loss', ('loss', 'clip', 'distill')), ('alpha', ('alpha',)),
+              ('evaluation', tuple(sorted({k for r in records for k in r
+                                           if k.startswith('eval/') and 'R@' in k})))]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r['step'], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker='.' if title == 'evaluation' else None,
+                        label=key)
+        ax.set_title(title)
+        ax.set_xlabel('step')
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = pathlib.Path(workdir) / 'metrics.png'
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

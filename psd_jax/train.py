@@ -1,0 +1,179 @@
+"""The training loop: mesh -> data -> state -> compiled step -> resume -> steps, metrics,
+checkpoints, evaluations -> final checkpoint. One readable function, `train_and_evaluate`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from psd_jax import checkpointing, config as config_lib, metrics, sharding, step
+from psd_jax.data import datasets, fetch, pipeline
+from psd_jax.data.tokenizers import ClipTokenizer, SentencePieceTokenizer
+from psd_jax.evaluation.embed import embed_batches
+from psd_jax.evaluation.retrieval import retrieval_metrics
+
+
+def make_tokenizer(config: ml_collections.ConfigDict) -> Callable:
+    if config.data.tokenizer == 'clip':
+        return ClipTokenizer(config.data.vocab_path or fetch.clip_vocab(),
+                             config.model.context_length)
+    return SentencePieceTokenizer(config.data.vocab_path, config.model.context_length)
+
+
+def dataset_name(config: ml_collections.ConfigDict) -> str:
+    name = config.data.dataset
+    return f'{name}/{config.data.builder_config}' if config.data.builder_config else name
+
+
+def open_split(config: ml_collections.ConfigDict, split: str) -> Any:
+    """The split's random-access source, preparing the dataset first when the project knows
+    how (process 0 prepares, the others wait)."""
+    data_dir = config.data.data_dir or None
+    if config.data.dataset in datasets.BUILDERS:
+        if jax.process_index() == 0:
+            datasets.prepare(config.data.dataset, data_dir, config.data.builder_config or None,
+                             config.data.path or None)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices('dataset prepared')
+    return datasets.data_source(dataset_name(config), split, data_dir)
+
+
+def global_batch(host_batch: dict, mesh, keys=('image', 'text', 'teacher_image')) -> dict:
+    """This host's numpy batch -> global jax.Arrays sharded over the data axes (explicit)."""
+    rows = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(rows, np.asarray(v))
+            for k, v in host_batch.items() if k in keys}
+
+
+def evaluate_retrieval(config, model, variables, mesh, tokenizer) -> dict[str, float]:
+    """Image <-> caption retrieval on the evaluation split (e.g. the other emoji style)."""
+    source = open_split(config, config.eval.split)
+    loader = pipeline.make_loader(
+        source, global_batch=config.eval.batch * jax.process_count(),
+        image_size=config.model.image_size, tokenizer=tokenizer,
+        context_length=config.model.context_length, train=False, keep=(),
+        drop_remainder=False)
+    emb = embed_batches(model, variables, loader, mesh, config.eval.batch)
+    return retrieval_metrics(emb['image'], emb['text'])
+
+
+EVALUATORS: dict[str, Callable] = {'retrieval': evaluate_retrieval}
+
+
+def run_evaluators(config, setup, state, tokenizer) -> dict[str, float]:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    out = {}
+    for name in config.eval.evaluators:
+        if name not in EVALUATORS:
+            raise ValueError(f'config.eval.evaluators: {name!r} is not known; allowed: '
+                             f'{sorted(EVALUATORS)}')
+        result = EVALUATORS[name](config, setup.model, variables, setup.mesh, tokenizer)
+        out.update({f'eval/{k}': v for k, v in result.items()})
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train (resuming from `workdir` when it holds a checkpoint) and evaluate; returns the last
+    logged metrics including the final evaluation."""
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
+    if lead:
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
+
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    sharding.check_batch(config.data.global_batch, mesh, 'config.data.global_batch')
+    logging.info('%s', sharding.describe(mesh))
+    tokenizer = make_tokenizer(config)
+    source = open_split(config, config.data.train_split)
+    if config.data.caption_noise:
+        source = pipeline.CaptionNoise(source, config.data.caption_noise, config.seed)
+    setup = config_lib.step_setup(config, mesh)
+    loader = pipeline.make_loader(
+        source, global_batch=config.data.global_batch, image_size=config.model.image_size,
+        tokenizer=tokenizer, context_length=config.model.context_length, train=True,
+        seed=config.seed, worker_count=config.data.workers, keep=(),
+        teacher_view=setup.loss.needs_teacher_forward)
+    iterator = iter(loader)
+
+    shardings = step.state_shardings(setup, config.param_sharding)
+    b, s = config.data.global_batch, config.model.image_size
+    example = {'image': jax.ShapeDtypeStruct((b, s, s, 3), np.float32),
+               'text': jax.ShapeDtypeStruct((b, config.model.context_length), np.int32)}
+    if setup.loss.needs_teacher_forward:
+        example['teacher_image'] = example['image']
+    train_step = step.compile_train_step(setup, shardings, example)
+    memory = train_step.memory_analysis()
+    flops = (train_step.cost_analysis() or {}).get('flops', 0.0)
+    if memory is not None:
+        logging.info('train step memory per device: %.1f MiB temporaries, %.1f MiB arguments',
+                     memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20)
+
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints,
+                                      config.train.keep_every)
+    if ckpt.latest_step() is not None:
+        state, start = ckpt.restore(step.abstract_state(setup, shardings), iterator)
+        logging.info('resumed from step %d of %s', start, ckpt.directory)
+    else:
+        state = step.init_state(setup, jax.random.key(config.seed), config.param_sharding)
+        start = 0
+
+    writer = metrics.MetricsWriter(workdir, total_steps=config.train.steps, start_step=start,
+                                   tensorboard=config.metrics.tensorboard,
+                                   wandb_project=config.metrics.wandb_project,
+                                   config=config.to_dict(), active=lead)
+    config_dict = json.loads(config.to_json_best_effort())
+    last: dict[str, float] = {}
+    stopped = False
+    with checkpointing.PreemptionFlag() as preempted:
+        tick, tick_step = time.perf_counter(), start
+        for current in range(start, config.train.steps):
+            host_batch = next(iterator)
+            with jax.transfer_guard(config.train.transfer_guard):  # only explicit copies here
+                state, step_metrics = train_step(state, global_batch(host_batch, mesh))
+            done = current + 1
+            if done % config.train.log_every == 0 or done == config.train.steps:
+                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                elapsed = time.perf_counter() - tick
+                per_step = elapsed / max(done - tick_step, 1)
+                scalars.update(step_time_s=per_step, images_per_s=b / per_step)
+                if flops and config.metrics.peak_flops_per_device:
+                    scalars['mfu'] = flops / per_step / config.metrics.peak_flops_per_device
+                last = dict(scalars)
+                writer.write(done, scalars)
+                tick, tick_step = time.perf_counter(), done
+            writer.advance(done)
+            if config.train.eval_every and done % config.train.eval_every == 0 and (
+                    done != config.train.steps):
+                writer.write(done, run_evaluators(config, setup, state, tokenizer))
+                tick, tick_step = time.perf_counter(), done
+            if preempted:
+                logging.warning('SIGTERM: checkpointing step %d and exiting', done)
+                ckpt.save(done, state, iterator, config_dict, force=True)
+                stopped = True
+                break
+            if done % config.train.checkpoint_every == 0:
+                ckpt.save(done, state, iterator, config_dict)
+                tick, tick_step = time.perf_counter(), done  # step times exclude saves
+    if not stopped:
+        if ckpt.latest_step() != config.train.steps:
+            ckpt.save(config.train.steps, state, iterator, config_dict, force=True)
+        final = run_evaluators(config, setup, state, tokenizer)
+        writer.write(config.train.steps, final)
+        last.update(final)
+        if lead:
+            (workdir / 'final_metrics.json').write_text(json.dumps(last, indent=1))
+    ckpt.close()
+    writer.close()
+    if lead:
+        metrics.plot(workdir)
+    return last
