@@ -1,0 +1,98 @@
+"""Train-step time of CLIP vs PSD (each teacher source) on one config, same batch, same mesh.
+
+    python benchmarks/step_time.py [--config configs/demo.py] [--steps 30] [--repeats 5]
+
+Times the compiled train step alone (a fixed device-resident batch; no input pipeline): per
+variant, the median over --repeats runs of --steps steps each, after a warm-up. Variants are
+timed in interleaved rounds so drifts in machine load hit them alike. Prints a table with the
+ratio to CLIP and writes JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import statistics
+import time
+
+VARIANTS = {
+    'clip': {'kind': 'clip'},
+    'psd same_pass': {'kind': 'psd', 'teacher': 'same_pass'},
+    'psd second_pass': {'kind': 'psd', 'teacher': 'second_pass'},
+    'psd ema': {'kind': 'psd', 'teacher': 'ema'},
+}
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location('experiment_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    root = pathlib.Path(__file__).resolve().parents[1]
+    parser.add_argument('--config', default=str(root / 'configs' / 'demo.py'))
+    parser.add_argument('--steps', type=int, default=30)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--out', default=str(root / 'benchmarks' / 'results' / 'step_time.json'))
+    args = parser.parse_args()
+
+    import jax
+    import numpy as np
+
+    from psd_jax import config as config_lib, sharding, step
+
+    base = load_config(args.config)
+    mesh = sharding.make_mesh(base.mesh.to_dict())
+    b, s, length = base.data.global_batch, base.model.image_size, base.model.context_length
+    rng = np.random.default_rng(0)
+    host = {'image': rng.standard_normal((b, s, s, 3)).astype(np.float32),
+            'teacher_image': rng.standard_normal((b, s, s, 3)).astype(np.float32),
+            'text': rng.integers(1, base.model.vocab_size, (b, length)).astype(np.int32)}
+    runs = {}
+    for name, variant in VARIANTS.items():
+        config = load_config(args.config)
+        config.loss.kind = variant['kind']
+        if 'teacher' in variant:
+            config.loss.psd.teacher = variant['teacher']
+        config.loss.alpha_schedule = 'constant'  # distillation active at every timed step
+        setup = config_lib.step_setup(config, mesh)
+        shardings = step.state_shardings(setup, config.param_sharding)
+        keys = ('image', 'text', 'teacher_image') if setup.loss.needs_teacher_forward else (
+            'image', 'text')
+        batch = jax.device_put({k: host[k] for k in keys}, sharding.batch_sharding(mesh))
+        fn = step.compile_train_step(setup, shardings, batch)
+        state = step.init_state(setup, jax.random.key(0), config.param_sharding)
+        state, m = fn(state, batch)
+        jax.block_until_ready(m)
+        runs[name] = {'fn': fn, 'state': state, 'batch': batch, 'times': []}
+    for _ in range(args.repeats):
+        for name, r in runs.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                r['state'], m = r['fn'](r['state'], r['batch'])
+            jax.block_until_ready(m)
+            r['times'].append((time.perf_counter() - start) / args.steps)
+    clip = statistics.median(runs['clip']['times'])
+    print(f'{pathlib.Path(args.config).name}: batch {b}, {s} px, {sharding.describe(mesh)}; '
+          f'median of {args.repeats} x {args.steps} steps')
+    print(f'{"variant":>16} {"ms/step":>9} {"vs CLIP":>8}')
+    rows = []
+    for name, r in runs.items():
+        t = statistics.median(r['times'])
+        rows.append({'variant': name, 'ms_per_step': 1e3 * t, 'ratio_to_clip': t / clip,
+                     'runs_ms': [1e3 * x for x in r['times']]})
+        print(f'{name:>16} {1e3 * t:>9.1f} {t / clip:>8.3f}')
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({'config': pathlib.Path(args.config).name, 'rows': rows},
+                              indent=1))
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    main()
