@@ -72,9 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.transfer_guard = 'allow'  # around the step loop: allow | log | disallow
 
     config.eval = C()
-    config.eval.evaluators = ('retrieval',)
-    config.eval.split = 'twitter'
+    config.eval.evaluators = ('retrieval',)  # retrieval | zero_shot | linear_probe
+    config.eval.split = 'twitter'  # retrieval and zero-shot split of the training dataset
     config.eval.batch = 256
+    config.eval.probe_dataset = 'fashion_mnist_local'  # linear probe: its train -> test
+    config.eval.probe_examples = 10000  # training images for the probe (0: all)
 
     config.metrics = C()
     config.metrics.tensorboard = True

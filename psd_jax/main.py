@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from psd_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                 lock_config=True)
@@ -52,29 +54,8 @@ def main(argv) -> None:
         sys.exit(2)
 
 
-def _one_line(error: Exception) -> str:
-    text = str(error).strip('\'"').replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ')
-    return ' '.join(text.split())
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with config errors (unknown key, wrong type, bad file) as one line:
-    ml_collections raises AttributeError / TypeError / KeyError / ValueError while applying
-    `--config.key=value` overrides to the locked config."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f'error: {_one_line(e)}', file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, TypeError, KeyError, ValueError) as e:
-        overrides = [a for a in argv[1:] if a.startswith('--config.')]
-        print(f'error: {_one_line(e)} (config overrides: {" ".join(overrides)})',
-              file=sys.stderr)
-        sys.exit(2)
-
-
 def run() -> None:
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

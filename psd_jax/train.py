@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -14,36 +13,9 @@ import numpy as np
 from absl import logging
 
 from psd_jax import checkpointing, config as config_lib, metrics, sharding, step
-from psd_jax.data import datasets, fetch, pipeline
-from psd_jax.data.tokenizers import ClipTokenizer, SentencePieceTokenizer
-from psd_jax.evaluation.embed import embed_batches
-from psd_jax.evaluation.retrieval import retrieval_metrics
-
-
-def make_tokenizer(config: ml_collections.ConfigDict) -> Callable:
-    if config.data.tokenizer == 'clip':
-        return ClipTokenizer(config.data.vocab_path or fetch.clip_vocab(),
-                             config.model.context_length)
-    return SentencePieceTokenizer(config.data.vocab_path, config.model.context_length)
-
-
-def dataset_name(config: ml_collections.ConfigDict) -> str:
-    name = config.data.dataset
-    return f'{name}/{config.data.builder_config}' if config.data.builder_config else name
-
-
-def open_split(config: ml_collections.ConfigDict, split: str) -> Any:
-    """The split's random-access source, preparing the dataset first when the project knows
-    how (process 0 prepares, the others wait)."""
-    data_dir = config.data.data_dir or None
-    if config.data.dataset in datasets.BUILDERS:
-        if jax.process_index() == 0:
-            datasets.prepare(config.data.dataset, data_dir, config.data.builder_config or None,
-                             config.data.path or None)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices('dataset prepared')
-    return datasets.data_source(dataset_name(config), split, data_dir)
+from psd_jax.data import pipeline
+from psd_jax.data.from_config import make_tokenizer, open_split
+from psd_jax.evaluation import run as evaluation
 
 
 def global_batch(host_batch: dict, mesh, keys=('image', 'text', 'teacher_image')) -> dict:
@@ -53,31 +25,9 @@ def global_batch(host_batch: dict, mesh, keys=('image', 'text', 'teacher_image')
             for k, v in host_batch.items() if k in keys}
 
 
-def evaluate_retrieval(config, model, variables, mesh, tokenizer) -> dict[str, float]:
-    """Image <-> caption retrieval on the evaluation split (e.g. the other emoji style)."""
-    source = open_split(config, config.eval.split)
-    loader = pipeline.make_loader(
-        source, global_batch=config.eval.batch * jax.process_count(),
-        image_size=config.model.image_size, tokenizer=tokenizer,
-        context_length=config.model.context_length, train=False, keep=(),
-        drop_remainder=False)
-    emb = embed_batches(model, variables, loader, mesh, config.eval.batch)
-    return retrieval_metrics(emb['image'], emb['text'])
-
-
-EVALUATORS: dict[str, Callable] = {'retrieval': evaluate_retrieval}
-
-
 def run_evaluators(config, setup, state, tokenizer) -> dict[str, float]:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    out = {}
-    for name in config.eval.evaluators:
-        if name not in EVALUATORS:
-            raise ValueError(f'config.eval.evaluators: {name!r} is not known; allowed: '
-                             f'{sorted(EVALUATORS)}')
-        result = EVALUATORS[name](config, setup.model, variables, setup.mesh, tokenizer)
-        out.update({f'eval/{k}': v for k, v in result.items()})
-    return out
+    return evaluation.run_evaluators(config, setup.model, variables, setup.mesh, tokenizer)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

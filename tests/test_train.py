@@ -149,3 +149,29 @@ def test_config_errors_are_one_line(tmp_path, override, expected):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_standalone_evaluation_reproduces_the_in_loop_numbers(tmp_path):
+    workdir = tmp_path / 'eval'
+    evaluators = "--config.eval.evaluators=('retrieval','zero_shot')"
+    trained = subprocess.run(
+        [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}', f'--workdir={workdir}',
+         '--config.train.steps=4', evaluators, '--config.metrics.tensorboard=False'],
+        env=env(), capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    in_loop = json.loads((workdir / 'final_metrics.json').read_text())
+    standalone = subprocess.run(
+        [sys.executable, '-m', 'psd_jax.evaluate', f'--config={CONFIG}', f'--workdir={workdir}',
+         evaluators], env=env(), capture_output=True, text=True, timeout=300)
+    assert standalone.returncode == 0, standalone.stderr[-3000:]
+    report = json.loads((workdir / 'eval_step_4.json').read_text())
+    keys = [k for k in in_loop if k.startswith('eval/')]
+    assert len(keys) >= 10 and report['step'] == 4
+    for key in keys:
+        assert report[key] == pytest.approx(in_loop[key], abs=1e-6), key
+    assert in_loop['eval/zero_shot/top1'] >= 0.0
+    empty = subprocess.run(
+        [sys.executable, '-m', 'psd_jax.evaluate', f'--config={CONFIG}',
+         f'--workdir={tmp_path / "nothing"}'], env=env(), capture_output=True, text=True,
+        timeout=120)
+    assert empty.returncode == 2 and 'no checkpoint in' in empty.stderr

@@ -37,25 +37,39 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
+def _embed(fn, variables, x: np.ndarray, mesh, batch_size: int) -> np.ndarray:
+    """fn over x in padded batches of `batch_size` -> (len(x), D) numpy."""
+    n = len(x)
+    if n > batch_size:
+        raise ValueError(f'a batch of {n} examples exceeds eval.batch={batch_size}')
+    out = fn(variables, jax.device_put(_pad(np.asarray(x), batch_size),
+                                       shd.batch_sharding(mesh)))
+    return jax.device_get(out)[:n]
+
+
 def embed_batches(model, variables: Any, batches: Iterable[dict], mesh,
                   batch_size: int) -> dict[str, np.ndarray]:
     """{'image': (N, D), 'text': (N, D), other keys as given} for host batches of up to
-    `batch_size` examples ('image' float (b, H, W, 3), 'text' int (b, L))."""
+    `batch_size` examples ('image' float (b, H, W, 3), 'text' int (b, L); either may be
+    absent)."""
     shd.check_batch(batch_size, mesh, 'eval.batch')
     embed_images, embed_texts = _embed_fns(model, mesh)
-    rows = shd.batch_sharding(mesh)
+    fns = {'image': embed_images, 'text': embed_texts}
     out: dict[str, list] = {}
     for batch in batches:
-        n = len(batch['image'])
-        if n > batch_size:
-            raise ValueError(f'a batch of {n} examples exceeds eval.batch={batch_size}')
-        image = jax.device_put(_pad(np.asarray(batch['image']), batch_size), rows)
-        text = jax.device_put(_pad(np.asarray(batch['text']), batch_size), rows)
-        out.setdefault('image', []).append(jax.device_get(embed_images(variables, image))[:n])
-        out.setdefault('text', []).append(jax.device_get(embed_texts(variables, text))[:n])
         for key, value in batch.items():
-            if key not in ('image', 'text'):
-                out.setdefault(key, []).append(np.asarray(value))
+            if key in fns:
+                value = _embed(fns[key], variables, value, mesh, batch_size)
+            out.setdefault(key, []).append(np.asarray(value))
     if not out:
         raise ValueError('the evaluation data yielded no batches')
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def embed_tokens(model, variables: Any, tokens: np.ndarray, mesh, batch_size: int) -> np.ndarray:
+    """(N, L) token ids -> (N, D) unit-norm text embeddings."""
+    shd.check_batch(batch_size, mesh, 'eval.batch')
+    _, embed_texts = _embed_fns(model, mesh)
+    parts = [_embed(embed_texts, variables, tokens[i:i + batch_size], mesh, batch_size)
+             for i in range(0, len(tokens), batch_size)]
+    return np.concatenate(parts)

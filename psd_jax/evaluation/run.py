@@ -1,0 +1,76 @@
+"""The evaluators a config can list (`config.eval.evaluators`), run in the loop and standalone.
+
+- `retrieval`: image <-> caption retrieval on `eval.split` of the training dataset (identical
+  captions are interchangeable).
+- `zero_shot`: classification of `eval.split`'s images into the dataset's classes
+  (psd_jax.data.classnames) with its prompt templates.
+- `linear_probe`: logistic regression on frozen image features of `eval.probe_dataset`
+  (train split -> test split), at most `eval.probe_examples` training images.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from psd_jax.data import classnames
+from psd_jax.data.from_config import eval_loader, open_split
+from psd_jax.evaluation.embed import embed_batches
+from psd_jax.evaluation.linear_probe import linear_probe
+from psd_jax.evaluation.retrieval import caption_groups, retrieval_metrics
+from psd_jax.evaluation.zero_shot import class_embeddings, zero_shot_metrics
+
+
+def _embedded_split(config, model, variables, mesh, tokenizer, split, **dataset):
+    source = open_split(config, split, **dataset)
+    return embed_batches(model, variables, eval_loader(config, source, tokenizer), mesh,
+                         config.eval.batch)
+
+
+def retrieval(config, model, variables, mesh, tokenizer) -> dict[str, float]:
+    emb = _embedded_split(config, model, variables, mesh, tokenizer, config.eval.split)
+    return retrieval_metrics(emb['image'], emb['text'],
+                             text_group=caption_groups(emb['caption'].tolist()))
+
+
+def zero_shot(config, model, variables, mesh, tokenizer) -> dict[str, float]:
+    emb = _embedded_split(config, model, variables, mesh, tokenizer, config.eval.split)
+    if 'label' not in emb:
+        raise ValueError(f'zero-shot classification needs labels; {config.data.dataset!r} '
+                         f'split {config.eval.split!r} has none')
+    classes = class_embeddings(model, variables, tokenizer,
+                               classnames.class_names(config.data.dataset),
+                               classnames.templates(config.data.dataset), mesh,
+                               config.eval.batch, config.model.context_length)
+    result = zero_shot_metrics(emb['image'], emb['label'], classes)
+    return {k: v for k, v in result.items() if k != 'per_class'}
+
+
+def probe(config, model, variables, mesh, tokenizer) -> dict[str, float]:
+    dataset = {'dataset': config.eval.probe_dataset, 'builder_config': ''}
+    train = _embedded_split(config, model, variables, mesh, tokenizer, 'train', **dataset)
+    test = _embedded_split(config, model, variables, mesh, tokenizer, 'test', **dataset)
+    n = config.eval.probe_examples or len(train['image'])
+    order = np.random.default_rng(0).permutation(len(train['image']))[:n]
+    result = linear_probe(train['image'][order], train['label'][order], test['image'],
+                          test['label'])
+    return {'accuracy': result['accuracy'], 'l2': result['l2']}
+
+
+EVALUATORS: dict[str, Callable] = {'retrieval': retrieval, 'zero_shot': zero_shot,
+                                   'linear_probe': probe}
+
+
+def run_evaluators(config: ml_collections.ConfigDict, model, variables: Any, mesh,
+                   tokenizer) -> dict[str, float]:
+    """{'eval/<evaluator>/<metric>': value} for every evaluator the config lists."""
+    out = {}
+    for name in config.eval.evaluators:
+        if name not in EVALUATORS:
+            raise ValueError(f'config.eval.evaluators: {name!r} is not known; allowed: '
+                             f'{sorted(EVALUATORS)}')
+        result = EVALUATORS[name](config, model, variables, mesh, tokenizer)
+        out.update({f'eval/{name}/{k}': float(v) for k, v in result.items()})
+    return out
