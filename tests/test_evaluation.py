@@ -124,3 +124,22 @@ def test_linear_probe_matches_published_logistic_regression_on_fashion_mnist():
     test_y = read_idx(FASHION / 't10k-labels-idx1-ubyte.gz')
     result = linear_probe(train_x, train_y, test_x, test_y, l2_grid=(1e-4, 1e-3), max_iter=150)
     assert abs(result['accuracy'] - 0.842) <= 0.01, result
+
+
+def test_effective_robustness_against_a_known_logit_line():
+    from psd_jax.evaluation import robustness as rb
+
+    rng = np.random.default_rng()
+    slope, intercept = rng.uniform(0.8, 1.2), rng.uniform(-2.0, -0.5)
+    imagenet = rng.uniform(0.4, 0.85, 30)
+    shift = rb.sigmoid(slope * rb.logit(imagenet) + intercept)
+    fitted = rb.fit_logit_linear(imagenet, shift)
+    np.testing.assert_allclose(fitted, (slope, intercept), rtol=1e-6)
+    on_line = float(rb.sigmoid(slope * rb.logit(0.7) + intercept))
+    assert abs(rb.effective_robustness(0.7, on_line, *fitted)) < 1e-9
+    assert rb.effective_robustness(0.7, on_line + 0.05, *fitted) == pytest.approx(0.05)
+    report = rb.robustness_report({'imagenet2012': 0.7, 'imagenet_v2': on_line + 0.02,
+                                   'imagenet_r': on_line + 0.08}, fitted)
+    assert report['effective_robustness'] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match='imagenet2012'):
+        rb.robustness_report({'imagenet_v2': 0.5}, fitted)
