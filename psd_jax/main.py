@@ -34,6 +34,8 @@ def initialize_distributed() -> None:
     import jax
 
     if FLAGS.coordinator_address:
+        if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+            jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU multi-host
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):

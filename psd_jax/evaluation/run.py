@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -19,20 +21,21 @@ from psd_jax.data import classnames
 from psd_jax.data.from_config import eval_loader, open_split
 from psd_jax.evaluation.embed import embed_batches
 from psd_jax.evaluation.linear_probe import linear_probe
-from psd_jax.evaluation.retrieval import caption_groups, retrieval_metrics
+from psd_jax.evaluation.retrieval import retrieval_metrics
 from psd_jax.evaluation.zero_shot import class_embeddings, zero_shot_metrics
 
 
 def _embedded_split(config, model, variables, mesh, tokenizer, split, **dataset):
+    """Embeddings (and labels, caption ids) of a whole split, gathered from every host."""
     source = open_split(config, split, **dataset)
+    per_host = math.ceil(len(source) / jax.process_count())
     return embed_batches(model, variables, eval_loader(config, source, tokenizer), mesh,
-                         config.eval.batch)
+                         config.eval.batch, num_batches=math.ceil(per_host / config.eval.batch))
 
 
 def retrieval(config, model, variables, mesh, tokenizer) -> dict[str, float]:
     emb = _embedded_split(config, model, variables, mesh, tokenizer, config.eval.split)
-    return retrieval_metrics(emb['image'], emb['text'],
-                             text_group=caption_groups(emb['caption'].tolist()))
+    return retrieval_metrics(emb['image'], emb['text'], text_group=emb['caption_id'])
 
 
 def zero_shot(config, model, variables, mesh, tokenizer) -> dict[str, float]:
