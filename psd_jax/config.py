@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.global_batch = 64
     config.data.caption_noise = 0.0  # fraction of training captions shuffled (experiments)
     config.data.workers = 0
+    config.data.crop_scale = (0.9, 1.0)  # random resized crop: area fraction (1, 1: none)
 
     config.loss = C()
     config.loss.kind = 'psd'  # clip | psd | sigmoid

@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         source, global_batch=config.data.global_batch, image_size=config.model.image_size,
         tokenizer=tokenizer, context_length=config.model.context_length, train=True,
         seed=config.seed, worker_count=config.data.workers, keep=(),
-        teacher_view=setup.loss.needs_teacher_forward)
+        teacher_view=setup.loss.needs_teacher_forward, crop_scale=tuple(config.data.crop_scale))
     iterator = iter(loader)
 
     shardings = step.state_shardings(setup, config.param_sharding)

@@ -24,14 +24,20 @@ pytestmark = pytest.mark.skipif(
     reason='emoji data absent: run `python -m psd_jax.data.fetch`')
 
 
-def launch(workdir, steps):
+def launch(workdir, steps, *extra, evaluators=EVALUATORS):
     env = dict(os.environ, EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0')
     env.pop('XLA_FLAGS', None)
     return subprocess.run(
         ['bash', str(LAUNCH), '-n', '2', '-d', '2', '--', f'--config={CONFIG}',
-         f'--workdir={workdir}', f'--config.train.steps={steps}', EVALUATORS,
-         '--config.metrics.tensorboard=False', '--config.train.checkpoint_every=2'],
+         f'--workdir={workdir}', f'--config.train.steps={steps}', evaluators,
+         '--config.metrics.tensorboard=False', '--config.train.checkpoint_every=2', *extra],
         env=env, capture_output=True, text=True, timeout=600)
+
+
+def four_cpu_devices():
+    return dict(os.environ, JAX_PLATFORMS='cpu',
+                XLA_FLAGS='--xla_force_host_platform_device_count=4 '
+                          '--xla_backend_optimization_level=0')
 
 
 def test_two_processes_train_resume_and_evaluate_across_hosts(tmp_path):
@@ -49,12 +55,9 @@ def test_two_processes_train_resume_and_evaluate_across_hosts(tmp_path):
     assert steps == [2, 4], steps  # one writer: process 0 alone logs each step once
     in_loop = json.loads((workdir / 'final_metrics.json').read_text())
 
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=4 '
-                         '--xla_backend_optimization_level=0')
     single = subprocess.run(
         [sys.executable, '-m', 'psd_jax.evaluate', f'--config={CONFIG}', f'--workdir={workdir}',
-         EVALUATORS], env=env, capture_output=True, text=True, timeout=300)
+         EVALUATORS], env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     report = json.loads((workdir / 'eval_step_4.json').read_text())
     keys = [k for k in in_loop if k.startswith('eval/')]
@@ -63,3 +66,50 @@ def test_two_processes_train_resume_and_evaluate_across_hosts(tmp_path):
         # recalls within 2e-3 (4 of 1,911 queries), mean / median ranks within 1%
         tolerance = {'rel': 1e-2} if 'rank' in key else {'abs': 2e-3}
         assert report[key] == pytest.approx(in_loop[key], **tolerance), key
+
+
+# Every step sees the same 32 pairs (the whole of a 32-pair split, global batch 32) with no
+# random crop, and CLIP's loss does not depend on the order of the batch's rows: so 2 hosts x 2
+# devices must train exactly what 1 host x 4 devices trains, up to float summation order.
+SAME_DATA = ('--config.loss.kind=clip', '--config.data.train_split=google[:32]',
+             '--config.data.global_batch=32', '--config.data.crop_scale=(1.0,1.0)')
+PARAM_ATOL = 1e-5  # learning rate 1e-3; all-reduces over gloo sum in another order
+
+
+def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
+    import jax
+    import numpy as np
+
+    from psd_jax import checkpointing, config as config_lib, sharding, step
+
+    multi = launch(tmp_path / 'multi', 3, *SAME_DATA, evaluators='--config.eval.evaluators=()')
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    single = subprocess.run(
+        [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}',
+         f'--workdir={tmp_path / "single"}', '--config.train.steps=3',
+         '--config.eval.evaluators=()', '--config.metrics.tensorboard=False', *SAME_DATA],
+        env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('tiny_test', CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.loss.kind = 'clip'
+    setup = config_lib.step_setup(config, sharding.make_mesh({'data': 4}, devices[:4]))
+    target = step.abstract_state(setup, step.state_shardings(setup))
+    params = []
+    for run in ('multi', 'single'):
+        ckpt = checkpointing.Checkpointer(tmp_path / run, asynchronous=False)
+        state, at = ckpt.restore(target, None)
+        ckpt.close()
+        assert at == 3
+        params.append(jax.device_get(state.params))
+    initial = jax.device_get(step.init_state(setup, jax.random.key(config.seed)).params)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(params[1]), jax.tree.leaves(initial)))
+    assert moved > 1e-3  # three steps of lr 1e-3 moved the parameters
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        diff = float(np.max(np.abs(a - b)))
+        assert diff <= PARAM_ATOL, f"2 hosts and 1 host differ by {diff:.3g}"

@@ -100,6 +100,7 @@ class Preprocess(grain.RandomMapTransform):
     train: bool
     keep: Sequence[str] = ('label',)
     teacher_view: bool = False  # also emit 'teacher_image': the un-augmented centre crop
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # area fraction of the random crop
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         image = np.asarray(record['image'])
@@ -111,7 +112,7 @@ class Preprocess(grain.RandomMapTransform):
         if self.train:
             if self.teacher_view:
                 out['teacher_image'] = normalize(resize_center_crop(image, self.image_size))
-            view = random_resized_crop(image, self.image_size, rng)
+            view = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
         else:
             view = resize_center_crop(image, self.image_size)
         out['image'] = normalize(view)
@@ -133,7 +134,8 @@ def per_host_batch(global_batch: int) -> int:
 def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: Callable,
                 context_length: int, train: bool, seed: int = 0, num_epochs: int | None = None,
                 worker_count: int = 0, keep: Sequence[str] = ('label',),
-                drop_remainder: bool = True, teacher_view: bool = False) -> grain.DataLoader:
+                drop_remainder: bool = True, teacher_view: bool = False,
+                crop_scale: tuple[float, float] = (0.9, 1.0)) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
 
     Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`.
@@ -147,7 +149,10 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
         num_records=len(source),
         shard_options=grain.ShardByJaxProcess(drop_remainder=drop_remainder),
         shuffle=train, num_epochs=num_epochs if train else 1, seed=seed)
-    ops = [Preprocess(image_size, tokenizer, context_length, train, tuple(keep), teacher_view),
+    if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise ValueError(f'data.crop_scale={crop_scale}: need 0 < min <= max <= 1')
+    ops = [Preprocess(image_size, tokenizer, context_length, train, tuple(keep), teacher_view,
+                      tuple(crop_scale)),
            grain.Batch(per_host_batch(global_batch), drop_remainder=drop_remainder)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                             worker_count=worker_count)
