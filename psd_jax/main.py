@@ -1,9 +1,10 @@
 """Entry point: python -m psd_jax.main --config configs/demo.py --workdir /tmp/demo
 
 `--config.key=value` overrides any key; the config is locked, so a mistyped key fails naming
-the nearest valid one. Multi-host runs initialise `jax.distributed` here: on Cloud TPU pods
-automatically, elsewhere from --coordinator_address/--num_processes/--process_id (or the
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+the nearest valid one. Multi-host runs initialise `jax.distributed` here: on Cloud TPU pods and
+under SLURM or Open MPI (more than one task) automatically, elsewhere from
+--coordinator_address/--num_processes/--process_id (or the JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def initialize_distributed() -> None:
             jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU multi-host
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-    elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
-        jax.distributed.initialize()  # Cloud TPU pod: everything comes from the metadata
+    elif (os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID')
+          or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+          or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
+        # Cloud TPU pod, SLURM or Open MPI: JAX reads the coordinator, process count and id
+        # from the environment
+        jax.distributed.initialize()
 
 
 def main(argv) -> None:
