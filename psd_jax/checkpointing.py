@@ -6,12 +6,13 @@ shardings come from the new run); the latest checkpoint in a workdir is found by
 
 from __future__ import annotations
 
-import pathlib
+import os
 import signal
 import threading
 from typing import Any
 
 import grain.python as grain
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -25,9 +26,12 @@ def _to_saveable(state: TrainState) -> TrainState:
 class Checkpointer:
     """Save / restore {state, data iterator, config} under `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 3, keep_every: int = 0,
+    def __init__(self, workdir: str | epath.PathLike, max_to_keep: int = 3, keep_every: int = 0,
                  asynchronous: bool = True):
-        self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+        workdir = epath.Path(workdir)
+        if '://' not in str(workdir):
+            workdir = epath.Path(os.path.abspath(workdir))
+        self.directory = workdir / 'checkpoints'
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=asynchronous, create=True)

@@ -8,10 +8,10 @@ the evaluators the config lists (`config.eval.evaluators`, overridable like any 
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -40,7 +40,7 @@ def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, 
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     result = {'step': at, **run_evaluators(config, setup.model, variables, mesh,
                                            make_tokenizer(config))}
-    out = pathlib.Path(workdir) / f'eval_step_{at}.json'
+    out = epath.Path(workdir) / f'eval_step_{at}.json'
     out.write_text(json.dumps(result, indent=1))
     logging.info('wrote %s', out)
     return result

@@ -1,29 +1,36 @@
 """Where the numbers go: metrics.jsonl, TensorBoard (tensorboardX), optional Weights & Biases,
-a progress bar or plain log lines, and a PNG plot at the end."""
+a progress bar or plain log lines, and a PNG plot at the end.
+
+The workdir may be local or on GCS (gs://..., with gcsfs installed): metrics.jsonl is rewritten
+whole at each log (object stores cannot append), and the plot is rendered locally, then copied.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import pathlib
+import tempfile
 import sys
 from typing import Any
 
 from absl import logging
+from etils import epath
 
 
 class MetricsWriter:
     """One JSON line per logged step in <workdir>/metrics.jsonl, mirrored to TensorBoard."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int = 0,
+    def __init__(self, workdir: str | epath.PathLike, *, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, wandb_project: str = '', config: dict | None = None,
                  active: bool = True):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.active = active  # only process 0 writes
         self.path = self.workdir / 'metrics.jsonl'
         self._tb = self._wandb = self._bar = None
         if not active:
             return
+        self._lines = self.path.read_text().splitlines() if self.path.exists() else []
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
@@ -40,8 +47,8 @@ class MetricsWriter:
         if not self.active:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        with self.path.open('a') as f:
-            f.write(json.dumps({'step': step, **clean}) + '\n')
+        self._lines.append(json.dumps({'step': step, **clean}))
+        self.path.write_text('\n'.join(self._lines) + '\n')
         if self._tb is not None:
             for k, v in clean.items():
                 if math.isfinite(v):
@@ -71,18 +78,18 @@ class MetricsWriter:
             self._wandb.finish()
 
 
-def read_metrics(path: str | pathlib.Path) -> list[dict]:
+def read_metrics(path: str | epath.PathLike) -> list[dict]:
     """The records of a metrics.jsonl (later records for a step win: a resumed run re-logs)."""
     by_key: dict[tuple, dict] = {}
-    for line in pathlib.Path(path).read_text().splitlines():
+    for line in epath.Path(path).read_text().splitlines():
         record = json.loads(line)
         by_key[(record['step'], tuple(sorted(record)))] = record
     return sorted(by_key.values(), key=lambda r: r['step'])
 
 
-def plot(workdir: str | pathlib.Path) -> pathlib.Path | None:
+def plot(workdir: str | epath.PathLike) -> epath.Path | None:
     """<workdir>/metrics.png: loss (and parts), alpha, and evaluation metrics over steps."""
-    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    path = epath.Path(workdir) / 'metrics.jsonl'
     if not path.exists():
         return None
     import matplotlib
@@ -105,7 +112,10 @@ def plot(workdir: str | pathlib.Path) -> pathlib.Path | None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out = pathlib.Path(workdir) / 'metrics.png'
-    fig.savefig(out, dpi=100)
+    out = epath.Path(workdir) / 'metrics.png'
+    with tempfile.TemporaryDirectory() as tmp:
+        local = pathlib.Path(tmp) / 'metrics.png'
+        fig.savefig(local, dpi=100)
+        out.write_bytes(local.read_bytes())
     plt.close(fig)
     return out

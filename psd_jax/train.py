@@ -4,13 +4,13 @@ checkpoints, evaluations -> final checkpoint. One readable function, `train_and_
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from psd_jax import checkpointing, config as config_lib, metrics, sharding, step
 from psd_jax.data import pipeline
@@ -34,7 +34,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train (resuming from `workdir` when it holds a checkpoint) and evaluate; returns the last
     logged metrics including the final evaluation."""
     config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)  # a local path or gs://... (with gcsfs installed)
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     if lead:
