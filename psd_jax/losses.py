@@ -18,6 +18,7 @@ cross-entropy against the teacher distribution over the subset's rows and column
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, NamedTuple
 
@@ -181,22 +182,67 @@ def _teacher_probs(logits: jax.Array, valid: jax.Array, fallback: jax.Array) -> 
     return jnp.where(z > 0, e / jnp.where(z > 0, z, 1.0), fallback)
 
 
-def _direction(s: jax.Array, positives: jax.Array, row_weight: jax.Array,
-               teacher_logits: jax.Array | None, teacher_valid: jax.Array) -> tuple:
-    """Per-row losses of one direction of one device's slab.
+@functools.lru_cache(maxsize=None)
+def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
+                 inv_temperature: float):
+    """Per-row (loss, hard CE, soft CE) of one device's slab in one direction, with a custom
+    backward that recomputes the b x B logits from the inputs, so only the row log-sum-exps are
+    kept between the passes.
 
-    s: (b, B) student logits; positives: (b,) global column index of each row's pair;
-    row_weight: (b,) a for rows in the subset, 0 elsewhere; teacher_logits: (b, B) or None.
-    Returns (row loss, hard CE, soft CE against the teacher), each (b,).
+    Arguments: x (b, D) local embeddings; others (B, D) the other modality's gathered
+    embeddings; scale t; positives (b,) global column of each row's pair; weight (b,) a for rows
+    in the subset, else 0; columns (B,) items the teacher saw; t_x, t_others, t_scale the
+    teacher's (ignored for the same pass). d loss_i / d s_ij = p_ij - q_ij with
+    q = (1 - w_i) e_i + w_i p_teacher.
     """
-    lse = jax.nn.logsumexp(s, axis=1)
-    hard = lse - jnp.take_along_axis(s, positives[:, None], axis=1)[:, 0]
-    if teacher_logits is None:
-        return hard, hard, jnp.zeros_like(hard)
-    onehot = jax.nn.one_hot(positives, s.shape[1], dtype=s.dtype)
-    p_t = jax.lax.stop_gradient(_teacher_probs(teacher_logits, teacher_valid, onehot))
-    soft = lse - jnp.sum(p_t * s, axis=1)
-    return hard + row_weight * (soft - hard), hard, soft
+
+    def teacher(s, positives, columns, t_x, t_others, t_scale):
+        valid = jnp.broadcast_to(columns[None, :], s.shape)
+        if remove_diagonal:
+            valid = valid & (jnp.arange(s.shape[1])[None, :] != positives[:, None])
+        logits = (s * inv_temperature if same_pass
+                  else _slab(t_x, t_others, t_scale * inv_temperature))
+        onehot = jax.nn.one_hot(positives, s.shape[1], dtype=s.dtype)
+        return _teacher_probs(logits, valid, onehot)
+
+    def forward(x, others, scale, positives, weight, columns, t_x, t_others, t_scale):
+        s = _slab(x, others, scale)
+        lse = jax.nn.logsumexp(s, axis=1)
+        hard = lse - jnp.take_along_axis(s, positives[:, None], axis=1)[:, 0]
+        if not with_teacher:
+            return (hard, hard, jnp.zeros_like(hard)), lse
+        p_t = teacher(s, positives, columns, t_x, t_others, t_scale)
+        soft = lse - jnp.sum(p_t * s, axis=1)
+        return (hard + weight * (soft - hard), hard, soft), lse
+
+    @jax.custom_vjp
+    def losses_of(*args):
+        return forward(*args)[0]
+
+    def fwd(*args):
+        out, lse = forward(*args)
+        return out, (args, lse)
+
+    def bwd(residuals, cotangents):
+        (x, others, scale, positives, weight, columns, t_x, t_others, t_scale), lse = residuals
+        g_loss, g_hard, g_soft = cotangents
+        s = _slab(x, others, scale)
+        p = jnp.exp(s - lse[:, None])
+        onehot = jax.nn.one_hot(positives, s.shape[1], dtype=s.dtype)
+        if with_teacher:
+            p_t = teacher(s, positives, columns, t_x, t_others, t_scale)
+            d_s = ((g_loss + g_hard + g_soft)[:, None] * p
+                   - (g_loss * (1 - weight) + g_hard)[:, None] * onehot
+                   - (g_loss * weight + g_soft)[:, None] * p_t)
+        else:
+            d_s = (g_loss + g_hard)[:, None] * (p - onehot)
+        d_x = scale * jnp.einsum('ij,jd->id', d_s, others, precision=HIGHEST)
+        d_others = scale * jnp.einsum('ij,id->jd', d_s, x, precision=HIGHEST)
+        d_scale = jnp.sum(d_s * s) / scale  # s = t x.o, so ds/dt = s / t
+        return d_x, d_others, d_scale, None, None, None, None, None, None
+
+    losses_of.defvjp(fwd, bwd)
+    return losses_of
 
 
 def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_columns, *,
@@ -205,27 +251,22 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
     b = image.shape[0]
     offset = _shard_offset(axes, b)
     positives = offset + jnp.arange(b)
-    all_text, all_image = _gather(text, axes), _gather(image, axes)
-    t = _scale(scale)
-    s_rows, s_cols = _slab(image, all_text, t), _slab(text, all_image, t)
-    if not with_teacher:
-        loss_r, hard_r, soft_r = _direction(s_rows, positives, None, None, None)
-        loss_c, hard_c, soft_c = _direction(s_cols, positives, None, None, None)
-        local_subset = jnp.zeros((b,), jnp.float32)
-    else:
+    local_subset = jnp.zeros((b,), jnp.float32)
+    if with_teacher:
         local_subset = jax.lax.dynamic_slice_in_dim(subset, offset, b).astype(jnp.float32)
-        weight = alpha * local_subset
-        valid = jnp.broadcast_to(t_columns[None, :], s_rows.shape)
-        if remove_diagonal:
-            valid = valid & (jnp.arange(batch_size)[None, :] != positives[:, None])
-        if same_pass:
-            tl_rows, tl_cols = s_rows * inv_temperature, s_cols * inv_temperature
-        else:
-            ts = _scale(t_scale) * inv_temperature
-            tl_rows = _slab(t_image, _gather(t_text, axes), ts)
-            tl_cols = _slab(t_text, _gather(t_image, axes), ts)
-        loss_r, hard_r, soft_r = _direction(s_rows, positives, weight, tl_rows, valid)
-        loss_c, hard_c, soft_c = _direction(s_cols, positives, weight, tl_cols, valid)
+    weight = alpha * local_subset
+    t = _scale(scale)
+    if axes:  # the scale enters every device's slab: its gradient is summed over devices
+        t = jax.lax.pcast(t, axes, to='varying')
+    ts = _scale(t_scale)
+    teacher_text, teacher_image = t_text, t_image  # placeholders unless a teacher pass ran
+    if with_teacher and not same_pass:
+        teacher_text, teacher_image = _gather(t_text, axes), _gather(t_image, axes)
+    slab_losses = _slab_losses(with_teacher, same_pass, remove_diagonal, inv_temperature)
+    loss_r, hard_r, soft_r = slab_losses(image, _gather(text, axes), t, positives, weight,
+                                         t_columns, t_image, teacher_text, ts)
+    loss_c, hard_c, soft_c = slab_losses(text, _gather(image, axes), t, positives, weight,
+                                         t_columns, t_text, teacher_image, ts)
     total = _psum(jnp.sum(loss_r) + jnp.sum(loss_c), axes) / (2 * batch_size)
     clip = _psum(jnp.sum(hard_r) + jnp.sum(hard_c), axes) / (2 * batch_size)
     n_subset = _psum(jnp.sum(local_subset), axes)
