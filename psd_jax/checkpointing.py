@@ -86,12 +86,13 @@ class Checkpointer:
 class PreemptionFlag:
     """Set by SIGTERM (preemption); the loop checkpoints at the next step boundary and exits."""
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.event = threading.Event()
         self._previous = None
+        self._install = install
 
     def __enter__(self) -> 'PreemptionFlag':
-        if threading.current_thread() is threading.main_thread():
+        if self._install and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
         return self
 

@@ -25,6 +25,18 @@ def global_batch(host_batch: dict, mesh, keys=('image', 'text', 'teacher_image')
             for k, v in host_batch.items() if k in keys}
 
 
+def stop_here(preempted: checkpointing.PreemptionFlag, step_number: int) -> bool:
+    """Whether to checkpoint and stop after this step. With several hosts, every host must agree
+    on the step, so JAX's preemption sync point decides (it sees SIGTERM on any host)."""
+    if jax.process_count() == 1:
+        return bool(preempted)
+    from jax.experimental import multihost_utils
+    try:
+        return multihost_utils.reached_preemption_sync_point(step_number)
+    except RuntimeError:  # no preemption service in this runtime: rely on periodic checkpoints
+        return False
+
+
 def run_evaluators(config, setup, state, tokenizer) -> dict[str, float]:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     return evaluation.run_evaluators(config, setup.model, variables, setup.mesh, tokenizer)
@@ -84,7 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_dict = json.loads(config.to_json_best_effort())
     last: dict[str, float] = {}
     stopped = False
-    with checkpointing.PreemptionFlag() as preempted:
+    # one host: our SIGTERM handler; several: JAX's preemption service owns SIGTERM
+    with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as preempted:
         tick, tick_step = time.perf_counter(), start
         for current in range(start, config.train.steps):
             host_batch = next(iterator)
@@ -106,7 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     done != config.train.steps):
                 writer.write(done, run_evaluators(config, setup, state, tokenizer))
                 tick, tick_step = time.perf_counter(), done
-            if preempted:
+            if stop_here(preempted, done):
                 logging.warning('SIGTERM: checkpointing step %d and exiting', done)
                 ckpt.save(done, state, iterator, config_dict, force=True)
                 stopped = True

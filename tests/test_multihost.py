@@ -113,3 +113,38 @@ def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
         diff = float(np.max(np.abs(a - b)))
         assert diff <= PARAM_ATOL, f"2 hosts and 1 host differ by {diff:.3g}"
+
+
+def test_sigterm_on_every_host_checkpoints_one_agreed_step(tmp_path):
+    """Preemption of a 2-host job: JAX's preemption service sees SIGTERM, the hosts agree on a
+    step, both checkpoint it and exit cleanly."""
+    import re
+    import signal
+    import time
+
+    workdir = tmp_path / 'term'
+    env = dict(os.environ, EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0')
+    env.pop('XLA_FLAGS', None)
+    launcher = subprocess.Popen(
+        ['bash', str(LAUNCH), '-n', '2', '-d', '2', '--', f'--config={CONFIG}',
+         f'--workdir={workdir}', '--config.train.steps=100000', '--config.eval.evaluators=()',
+         '--config.metrics.tensorboard=False'], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not (workdir / 'checkpoints' / '2').is_dir():
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        assert time.time() - start < 400, 'no checkpoint within 400 s'
+        time.sleep(0.5)
+    pids = subprocess.run(['pgrep', '-f', f'psd_jax.main.*{workdir}'], capture_output=True,
+                          text=True).stdout.split()
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGTERM)
+    _, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    steps = set()
+    for i in (0, 1):
+        log = (workdir / 'logs' / f'process_{i}.log').read_text()
+        steps.update(re.findall(r'SIGTERM: checkpointing step (\d+)', log))
+    assert len(steps) == 1, steps  # both hosts stopped at the same step
+    assert (workdir / 'checkpoints' / steps.pop()).is_dir()
