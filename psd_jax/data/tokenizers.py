@@ -47,6 +47,16 @@ def _clean(text: str) -> str:
     return ' '.join(text.split()).lower()
 
 
+def _padded(texts: str | Sequence[str], length: int, encode) -> np.ndarray:
+    """Zero-padded int32 rows of `encode(list of texts)`; a single text gives one row (L,)."""
+    single = isinstance(texts, str)
+    rows = encode([texts] if single else list(texts))
+    out = np.zeros((len(rows), length), np.int32)
+    for i, ids in enumerate(rows):
+        out[i, :len(ids)] = ids
+    return out[0] if single else out
+
+
 class ClipTokenizer:
     """CLIP's byte-level BPE: 49,408 ids, <|startoftext|> = 49406, <|endoftext|> = 49407.
 
@@ -116,14 +126,10 @@ class ClipTokenizer:
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None
                  ) -> np.ndarray:
         """(N,) texts -> (N, context_length) int32: <sot> ids <eot>, zero-padded."""
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
         length = context_length or self.context_length
-        out = np.zeros((len(texts), length), np.int32)
-        for row, text in enumerate(texts):
-            ids = [self.sot] + self.encode(text)[:length - 2] + [self.eot]
-            out[row, :len(ids)] = ids
-        return out[0] if single else out
+        return _padded(texts, length,
+                       lambda batch: [[self.sot] + self.encode(t)[:length - 2] + [self.eot]
+                                      for t in batch])
 
 
 class SentencePieceTokenizer:
@@ -151,14 +157,11 @@ class SentencePieceTokenizer:
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None
                  ) -> np.ndarray:
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
+        """(N,) texts -> (N, context_length) int32: ids <eos>, zero-padded."""
         length = context_length or self.context_length
-        out = np.zeros((len(texts), length), np.int32)
-        for row, ids in enumerate(self.sp.EncodeAsIds([_clean(t) for t in texts])):
-            ids = [i + 1 for i in ids][:length - 1] + [self.eos]
-            out[row, :len(ids)] = ids
-        return out[0] if single else out
+        return _padded(texts, length,
+                       lambda batch: [[i + 1 for i in ids][:length - 1] + [self.eos]
+                                      for ids in self.sp.EncodeAsIds([_clean(t) for t in batch])])
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int = 1000,
