@@ -4,11 +4,12 @@ Both runs start from the same initial state (initialised once, then placed on ea
 see the same batches; the subset and teacher are drawn from the state's RNG, identically on any
 mesh. Tolerances: the gradients agree to ~1e-6 relative, but Adam divides by sqrt(v) + eps, so
 float32 rounding in elements whose gradient is near zero becomes a difference of a fraction of
-the learning rate (1e-3 here; seen up to 2.4e-4 on rarely used token-embedding rows and ResNet
-kernels). Hence: every parameter element within 1e-3 absolute (one step's size; a real sharding
-bug moves whole tensors, not single elements), the whole parameter vector within 1e-3 of the
-distance it moved in three steps (L2 norms), and the step metrics (loss, its parts, gradient
-norm) within 1e-5 relative at every step.
+the learning rate (1e-3 here): an element whose gradient is within rounding of zero can take
+Adam's step in either direction (seen: 1.8e-3 on a ResNet kernel after three steps). Hence the
+per-element bound is loose, 6e-3 (two steps of size lr, three times); the real checks are the
+whole parameter vector within 2e-4 of the distance it moved in three steps (L2 norms; measured
+1e-5 to 2e-5), which a sharding bug would break, and the step metrics (loss, its parts, gradient norm) within 1e-5
+relative at every step.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from psd_jax.models import build_model, preset
 
 B = 16
 STEPS = 3
-PARAM_ATOL = 1e-3
-RELATIVE = 1e-3
+PARAM_ATOL = 6e-3
+RELATIVE = 2e-4
 
 TINY_RESNET = preset('tiny', image=dict(kind='resnet', layers=(1, 1, 1, 1), width=8, heads=2))
 
