@@ -8,8 +8,11 @@ the learning rate (1e-3 here): an element whose gradient is within rounding of z
 Adam's step in either direction (seen: 1.8e-3 on a ResNet kernel after three steps). Hence the
 per-element bound is loose, 6e-3 (two steps of size lr, three times); the real checks are the
 whole parameter vector within 2e-4 of the distance it moved in three steps (L2 norms; measured
-1e-5 to 2e-5), which a sharding bug would break, and the step metrics (loss, its parts, gradient norm) within 1e-5
-relative at every step.
+1e-5 to 2e-5), which a sharding bug would break, and the step metrics (loss, its parts,
+gradient norm). At the first step both runs hold identical parameters, so the metrics agree to
+1e-5 relative (measured <= 2e-6); later steps evaluate parameters that already differ by the
+Adam rounding above, and the gradient norm drifts with them (measured up to 1.0e-5 at step 3
+for one seed in 14), so later steps are held to 1e-4.
 """
 
 from __future__ import annotations
@@ -92,10 +95,11 @@ def test_eight_devices_match_one(devices, case):
     if s1.ema_params is not None:
         for a, b in zip(jax.tree.leaves(s1.ema_params), jax.tree.leaves(s8.ema_params)):
             assert np.max(np.abs(a - b)) <= PARAM_ATOL
-    for a, b in zip(m1, m8):
+    for i, (a, b) in enumerate(zip(m1, m8)):
         assert a['subset_size'] == b['subset_size'] == round(B * loss.subset_fraction)
         for key in ('loss', 'clip', 'distill', 'grad_norm'):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f'{key} (seed {seed})')
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5 if i == 0 else 1e-4,
+                                       err_msg=f'{key} at step {i} (seed {seed})')
 
 
 @pytest.mark.parametrize('fraction', [0.25, 0.0])
