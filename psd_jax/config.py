@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from psd_jax import losses, schedules, sharding, step
+from psd_jax.data import pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
 
 C = ml_collections.ConfigDict
@@ -40,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.tokenizer = 'clip'  # clip | sentencepiece
     config.data.vocab_path = ''  # '' -> the fetched CLIP vocabulary
     config.data.global_batch = 64
-    config.data.caption_noise = 0.0  # fraction of training captions shuffled (experiments)
+    config.data.caption_noise = 0.0  # fraction of training captions corrupted (experiments)
+    config.data.caption_noise_kind = 'shuffle'  # shuffle | within_group | group_name
+    config.data.caption_noise_group = 'subgroup'  # the class feature grouped kinds use
     config.data.workers = 0
     config.data.crop_scale = (0.9, 1.0)  # random resized crop: area fraction (1, 1: none)
 
@@ -138,6 +141,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{config.data.tokenizer!r} is not one of ['clip', 'sentencepiece']")
     _check(config.data.global_batch > 0, 'data.global_batch', 'must be positive')
     _check(0.0 <= config.data.caption_noise <= 1.0, 'data.caption_noise', 'must be in [0, 1]')
+    _check(config.data.caption_noise_kind in pipeline.NOISE_KINDS, 'data.caption_noise_kind',
+           f'{config.data.caption_noise_kind!r} is not one of {list(pipeline.NOISE_KINDS)}')
     _check(config.train.steps > 0, 'train.steps', 'must be positive')
     _check(config.train.log_every > 0, 'train.log_every', 'must be positive')
     _check(config.optim.warmup_steps <= config.train.steps, 'optim.warmup_steps',
@@ -162,8 +167,9 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     return losses.LossConfig.from_mapping(config.loss.kind, config.loss.psd.to_dict())
 
 
-def step_setup(config: ml_collections.ConfigDict, mesh) -> step.StepSetup:
-    """The static parts of the train step, from the config."""
+def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -> step.StepSetup:
+    """The static parts of the train step, from the config (`dataset_size`: the number of
+    training pairs, which sizes the embedding bank of psd.teacher='bank')."""
     loss = loss_config(config)
     sigmoid = loss.kind == 'sigmoid'
     model = build_model(model_spec(config), config.model.dtype,
@@ -175,4 +181,4 @@ def step_setup(config: ml_collections.ConfigDict, mesh) -> step.StepSetup:
                              config.optim.eps, config.optim.grad_clip_norm or None)
     alpha = schedules.alpha_schedule(config.loss.alpha_schedule, config.loss.alpha_max,
                                      config.train.steps, config.loss.alpha_start_step)
-    return step.StepSetup(model, tx, loss, alpha, lr, mesh)
+    return step.StepSetup(model, tx, loss, alpha, lr, mesh, dataset_size)

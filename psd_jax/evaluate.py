@@ -33,7 +33,11 @@ def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, 
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: nothing to evaluate')
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    setup = config_lib.step_setup(config, mesh)
+    size = 0
+    if config_lib.loss_config(config).needs_bank:  # the bank's shape is part of the state
+        from psd_jax.data.from_config import open_split
+        size = len(open_split(config, config.data.train_split))
+    setup = config_lib.step_setup(config, mesh, dataset_size=size)
     shardings = step.state_shardings(setup, config.param_sharding)
     state, at = ckpt.restore(step.abstract_state(setup, shardings), None, step_number)
     ckpt.close()

@@ -32,7 +32,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 LOG_MAX_LOGIT_SCALE = math.log(100.0)
 
 LOSS_KINDS = ('clip', 'psd', 'sigmoid')
-TEACHERS = ('same_pass', 'second_pass', 'ema')
+TEACHERS = ('same_pass', 'second_pass', 'ema', 'bank')
 DIAGONAL_MODES = ('keep', 'remove')
 
 
@@ -43,8 +43,10 @@ class LossConfig:
     kind: 'clip' | 'psd' | 'sigmoid'.
     subset_fraction: fraction of each global batch whose rows/columns get soft targets (PSD).
     teacher: 'same_pass' (this step's logits, no added compute), 'second_pass' (a stop-gradient
-      forward of the same parameters over the subset on the teacher view) or 'ema' (the same with
-      EMA parameters).
+      forward of the same parameters over the subset on the teacher view), 'ema' (the same with
+      EMA parameters) or 'bank' (each pair's embeddings from its previous visit, kept in the
+      train state: a teacher from an earlier point of training at no added compute; pairs seen
+      for the first time keep one-hot targets).
     teacher_temperature: teacher softmax temperature relative to the student's (teacher logits
       are the teacher's scaled similarities divided by this).
     teacher_diagonal: 'keep' or 'remove' (drop the matching pair from the teacher distribution and
@@ -91,6 +93,11 @@ class LossConfig:
     @property
     def needs_teacher_forward(self) -> bool:
         return self.kind == 'psd' and self.teacher in ('second_pass', 'ema')
+
+    @property
+    def needs_bank(self) -> bool:
+        """Whether the train state keeps an embedding bank (and batches carry 'index')."""
+        return self.kind == 'psd' and self.teacher == 'bank'
 
     @classmethod
     def from_mapping(cls, kind: str, psd: Mapping[str, Any] | None = None) -> 'LossConfig':

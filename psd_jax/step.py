@@ -3,7 +3,8 @@
 `train_step(setup, state, batch) -> (state, metrics)` is a module-level pure function;
 `compile_train_step` jits it once with explicit in/out shardings and the state donated.
 batch: {'image': (B, H, W, 3) float, 'text': (B, L) int32, optional 'teacher_image': the
-un-augmented view used by second-pass / EMA teachers (defaults to 'image')}.
+un-augmented view used by second-pass / EMA teachers (defaults to 'image'), and 'index': (B,)
+int32 dataset positions, required by the embedding-bank teacher}.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ NO_DECAY_LEAVES = ('bias', 'scale', 'logit_scale', 'logit_bias', 'class_embeddin
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything a step changes. ema_params is None unless the teacher is 'ema'."""
+    """Everything a step changes. ema_params is None unless the teacher is 'ema'; bank is None
+    unless the teacher is 'bank', else {'image': (N, D), 'text': (N, D), 'seen': (N,) bool}:
+    every dataset pair's embeddings from its last visit (replicated: N x D x 8 bytes/device)."""
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
     ema_params: Any
     rng: jax.Array
+    bank: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,12 @@ class StepSetup:
     alpha_fn: Callable
     lr_fn: Callable
     mesh: Mesh
+    bank_size: int = 0  # dataset size N, for the embedding-bank teacher
+
+    def __post_init__(self):
+        if self.loss.needs_bank and self.bank_size <= 0:
+            raise ValueError("psd.teacher='bank' needs the dataset size (StepSetup.bank_size) "
+                             'to size the embedding bank')
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -81,7 +91,13 @@ def _create_state(setup: StepSetup, rng: jax.Array) -> TrainState:
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get('batch_stats', {}), opt_state=setup.tx.init(params),
         ema_params=params if setup.loss.teacher == 'ema' and setup.loss.kind == 'psd' else None,
-        rng=state_rng)
+        rng=state_rng, bank=_empty_bank(setup) if setup.loss.needs_bank else None)
+
+
+def _empty_bank(setup: StepSetup) -> dict:
+    dim = setup.model.image_tower.embed_dim
+    zeros = jnp.zeros((setup.bank_size, dim), jnp.float32)
+    return {'image': zeros, 'text': zeros, 'seen': jnp.zeros((setup.bank_size,), bool)}
 
 
 def state_shardings(setup: StepSetup, strategy: str = 'replicated') -> TrainState:
@@ -97,7 +113,9 @@ def state_shardings(setup: StepSetup, strategy: str = 'replicated') -> TrainStat
     return TrainState(step=shd.replicated(mesh), params=params_sh,
                       batch_stats=var_sh.get('batch_stats', {}), opt_state=opt_sh,
                       ema_params=params_sh if abstract.ema_params is not None else None,
-                      rng=shd.replicated(mesh))
+                      rng=shd.replicated(mesh),
+                      bank=None if abstract.bank is None else jax.tree.map(
+                          lambda _: shd.replicated(mesh), abstract.bank))
 
 
 def abstract_state(setup: StepSetup, shardings: TrainState) -> TrainState:
@@ -142,19 +160,36 @@ def _teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Arra
     return losses.Teacher(scatter(out['image']), scatter(out['text']), out['logit_scale'], mask)
 
 
+def _bank_teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Array,
+                  batch_size: int) -> tuple[losses.Teacher, jax.Array]:
+    """The bank's embeddings of this batch's pairs as the teacher, with the student's current
+    (stop-gradient) scale; returns it and the subset mask restricted to pairs seen before."""
+    index = batch['index']
+    seen = state.bank['seen'][index]
+    teacher = losses.Teacher(state.bank['image'][index], state.bank['text'][index],
+                             jax.lax.stop_gradient(state.params['logit_scale']), seen)
+    return teacher, losses.subset_mask(indices, batch_size) & seen
+
+
+def _update_bank(bank: dict, index: jax.Array, out: dict) -> dict:
+    """Write this step's (stop-gradient) embeddings of the batch's pairs into the bank."""
+    image, text = (jax.lax.stop_gradient(out[k]).astype(jnp.float32) for k in ('image', 'text'))
+    return {'image': bank['image'].at[index].set(image), 'text': bank['text'].at[index].set(text),
+            'seen': bank['seen'].at[index].set(True)}
+
+
 def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
-                 indices: jax.Array | None, alpha: jax.Array) -> tuple[jax.Array, dict]:
-    """Dispatch on the loss kind. out: the model's outputs for the batch."""
+                 subset: jax.Array | None, alpha: jax.Array) -> tuple[jax.Array, dict]:
+    """Dispatch on the loss kind. out: the model's outputs for the batch; subset: (B,) bool."""
     cfg, mesh = setup.loss, setup.mesh
     if cfg.kind == 'sigmoid':
         return losses.sigmoid_loss(out['image'], out['text'], out['logit_scale'],
                                    out['logit_bias'], mesh=mesh)
     if cfg.kind == 'clip':
         return losses.clip_loss(out['image'], out['text'], out['logit_scale'], mesh=mesh)
-    batch_size = out['image'].shape[0]
     return losses.psd_loss(
         out['image'], out['text'], out['logit_scale'], mesh=mesh,
-        subset=losses.subset_mask(indices, batch_size), alpha=alpha, teacher=teacher,
+        subset=subset, alpha=alpha, teacher=teacher,
         teacher_temperature=cfg.teacher_temperature, teacher_diagonal=cfg.teacher_diagonal)
 
 
@@ -163,10 +198,16 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
     batch_size = batch['image'].shape[0]
     step_rng = jax.random.fold_in(state.rng, state.step)
     alpha = setup.alpha_fn(state.step)
-    indices = None
+    indices, subset, teacher = None, None, None
     if setup.loss.kind == 'psd':
         indices = losses.subset_indices(step_rng, batch_size, setup.loss.subset_fraction)
-    teacher = _teacher(setup, state, batch, indices, batch_size) if indices is not None else None
+        subset = losses.subset_mask(indices, batch_size)
+        if setup.loss.needs_bank:
+            if 'index' not in batch:
+                raise ValueError("psd.teacher='bank' needs batch['index'] (dataset positions)")
+            teacher, subset = _bank_teacher(setup, state, batch, indices, batch_size)
+        else:
+            teacher = _teacher(setup, state, batch, indices, batch_size)
     has_bn = bool(state.batch_stats)
 
     def loss_fn(params):
@@ -177,10 +218,10 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
         else:
             out, mutated = setup.model.apply(variables, batch['image'], batch['text'],
                                              train=True), {}
-        loss, parts = compute_loss(setup, out, teacher, indices, alpha)
-        return loss, (parts, mutated)
+        loss, parts = compute_loss(setup, out, teacher, subset, alpha)
+        return loss, (parts, mutated, {'image': out['image'], 'text': out['text']})
 
-    (loss, (parts, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (parts, mutated, embeddings)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0,
@@ -191,7 +232,8 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
         ema = jax.tree.map(lambda e, p: m * e + (1 - m) * p, ema, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=mutated.get('batch_stats', state.batch_stats),
-                              ema_params=ema)
+                              ema_params=ema, bank=None if state.bank is None else
+                              _update_bank(state.bank, batch['index'], embeddings))
     metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
                'grad_norm': optax.tree.norm(grads),
                'logit_scale': jnp.exp(jnp.minimum(params['logit_scale'], LOG_MAX_LOGIT_SCALE))}

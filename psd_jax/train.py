@@ -18,7 +18,8 @@ from psd_jax.data.from_config import make_tokenizer, open_split
 from psd_jax.evaluation import run as evaluation
 
 
-def global_batch(host_batch: dict, mesh, keys=('image', 'text', 'teacher_image')) -> dict:
+def global_batch(host_batch: dict, mesh,
+                 keys=('image', 'text', 'teacher_image', 'index')) -> dict:
     """This host's numpy batch -> global jax.Arrays sharded over the data axes (explicit)."""
     rows = sharding.batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(rows, np.asarray(v))
@@ -35,6 +36,22 @@ def stop_here(preempted: checkpointing.PreemptionFlag, step_number: int) -> bool
         return multihost_utils.reached_preemption_sync_point(step_number)
     except RuntimeError:  # no preemption service in this runtime: rely on periodic checkpoints
         return False
+
+
+def noisy_captions(config: ml_collections.ConfigDict, source):
+    """The training source with `data.caption_noise` of its captions corrupted as
+    `data.caption_noise_kind` says (grouped kinds use `data.caption_noise_group`)."""
+    group = config.data.caption_noise_group
+    names = None
+    if config.data.caption_noise_kind == 'group_name':
+        features = getattr(getattr(source, 'dataset_info', None), 'features', {})
+        if group not in features:
+            raise ValueError(f'config.data.caption_noise_group={group!r}: the dataset has no '
+                             f'such class feature; it has {sorted(features)}')
+        names = features[group].names
+    return pipeline.CaptionNoise(source, config.data.caption_noise, config.seed,
+                                 kind=config.data.caption_noise_kind, group_key=group,
+                                 group_names=names)
 
 
 def run_evaluators(config, setup, state, tokenizer) -> dict[str, float]:
@@ -58,12 +75,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tokenizer = make_tokenizer(config)
     source = open_split(config, config.data.train_split)
     if config.data.caption_noise:
-        source = pipeline.CaptionNoise(source, config.data.caption_noise, config.seed)
-    setup = config_lib.step_setup(config, mesh)
+        source = noisy_captions(config, source)
+    setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
+    if setup.loss.needs_bank:
+        source = pipeline.WithIndex(source)
     loader = pipeline.make_loader(
         source, global_batch=config.data.global_batch, image_size=config.model.image_size,
         tokenizer=tokenizer, context_length=config.model.context_length, train=True,
-        seed=config.seed, worker_count=config.data.workers, keep=(),
+        seed=config.seed, worker_count=config.data.workers,
+        keep=('index',) if setup.loss.needs_bank else (),
         teacher_view=setup.loss.needs_teacher_forward, crop_scale=tuple(config.data.crop_scale))
     iterator = iter(loader)
 
@@ -73,6 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'text': jax.ShapeDtypeStruct((b, config.model.context_length), np.int32)}
     if setup.loss.needs_teacher_forward:
         example['teacher_image'] = example['image']
+    if setup.loss.needs_bank:
+        example['index'] = jax.ShapeDtypeStruct((b,), np.int32)
     train_step = step.compile_train_step(setup, shardings, example)
     memory = train_step.memory_analysis()
     flops = (train_step.cost_analysis() or {}).get('flops', 0.0)

@@ -63,32 +63,83 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im)[top:top + size, left:left + size]
 
 
-class CaptionNoise(grain.RandomAccessDataSource):
-    """Shuffles the captions of a seeded `fraction` of the records among themselves (noise
-    injection for experiments); images, labels and the other records are untouched."""
+NOISE_KINDS = ('shuffle', 'within_group', 'group_name')
 
-    def __init__(self, source: Any, fraction: float, seed: int, caption_key: str = 'caption'):
+
+class CaptionNoise(grain.RandomAccessDataSource):
+    """Corrupts the captions of a seeded `fraction` of the records (noise for experiments).
+
+    kind: 'shuffle' (the chosen records' captions are permuted among themselves, none keeps its
+    own: a wrong, unrelated caption), 'within_group' (permuted among chosen records of the same
+    `group_key` value, e.g. the emoji subgroup: a plausible caption of a related image, the
+    many-to-many noise of web data), or 'group_name' (replaced by the group's name, one generic
+    caption shared by every chosen record of the group). Images, labels and the other records
+    are untouched; `corrupted` lists the records whose caption changed.
+    """
+
+    def __init__(self, source: Any, fraction: float, seed: int, caption_key: str = 'caption',
+                 kind: str = 'shuffle', group_key: str = 'subgroup',
+                 group_names: Sequence[str] | None = None):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f'data.caption_noise={fraction} must be in [0, 1]')
+        if kind not in NOISE_KINDS:
+            raise ValueError(f'data.caption_noise_kind={kind!r} is not known; allowed: '
+                             f'{list(NOISE_KINDS)}')
         self.source, self.caption_key = source, caption_key
         n = len(source)
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
         self.caption_of = np.arange(n)
-        if chosen.size > 1:  # a cyclic shift of a random order: no chosen record keeps its own
-            order = rng.permutation(chosen)
+        self.replacement: dict[int, str] = {}
+        if kind == 'shuffle':
+            self._permute(chosen, rng)
+        else:
+            if chosen.size and group_key not in source[int(chosen[0])]:
+                raise ValueError(f'data.caption_noise_kind={kind!r} needs the records to have '
+                                 f'{group_key!r}; this dataset has {sorted(source[0])}')
+            groups = np.array([int(source[int(i)][group_key]) for i in chosen], np.int64)
+            for g in np.unique(groups):
+                members = chosen[groups == g]
+                if kind == 'within_group':
+                    self._permute(members, rng)
+                else:
+                    if group_names is None:
+                        raise ValueError("caption noise 'group_name' needs the group names")
+                    name = str(group_names[g]).replace('-', ' ').replace('_', ' ')
+                    self.replacement.update({int(i): name for i in members})
+        self.corrupted = np.union1d(np.flatnonzero(self.caption_of != np.arange(n)),
+                                    np.array(sorted(self.replacement), np.int64))
+
+    def _permute(self, members: np.ndarray, rng: np.random.Generator) -> None:
+        if members.size > 1:  # a cyclic shift of a random order: no member keeps its own
+            order = rng.permutation(members)
             self.caption_of[order] = np.roll(order, 1)
-        self.corrupted = np.flatnonzero(self.caption_of != np.arange(n))
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
         record = dict(self.source[index])
+        if index in self.replacement:
+            record[self.caption_key] = self.replacement[index]
         donor = int(self.caption_of[index])
         if donor != index:
             record[self.caption_key] = self.source[donor][self.caption_key]
         return record
+
+
+class WithIndex(grain.RandomAccessDataSource):
+    """Adds each record's position in the dataset as 'index' (int32): the key of a teacher's
+    embedding bank (psd.teacher='bank')."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.source[index], 'index': np.int32(index)}
 
 
 @dataclasses.dataclass

@@ -1,0 +1,157 @@
+"""PSD vs CLIP under caption noise: a resumable, coarse-to-fine sweep over the trainer.
+
+    python experiments/psd_vs_clip.py run [--root ~/.cache/psd_jax/experiments/psd_vs_clip]
+    python experiments/psd_vs_clip.py report      # docs/results/psd_vs_clip.md + PNGs
+
+Every run is `python -m psd_jax.main --config configs/experiments/psd_vs_clip.py:<dataset>`
+with overrides, in its own workdir under --root; a run whose workdir holds final_metrics.json
+is skipped, an interrupted one resumes from its checkpoint, so `run` continues a stopped sweep.
+All runs have the same steps, batch and model (the same compute, up to the teacher's own cost).
+
+Stages (each decides from the finished runs of the one before):
+  screen   seed 0, emoji with 40% of captions swapped within their subgroup: CLIP and PSD with
+           every teacher source (METHODS).
+  grid     seed 0, same condition: the best screened PSD method with one knob changed at a time
+           (alpha_max, subset fraction, teacher temperature).
+  confirm  seeds 0-2: CLIP and the best PSD setting on every condition in CONDITIONS (with
+           --full: FULL_CONDITIONS, the whole grid of noise kinds and rates).
+Selection score: held-out retrieval, the mean of image->text and text->image R@1 (emoji).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / 'configs' / 'experiments' / 'psd_vs_clip.py'
+DEFAULT_ROOT = pathlib.Path(os.environ.get('PSD_JAX_CACHE', pathlib.Path.home() / '.cache' /
+                                           'psd_jax')) / 'experiments' / 'psd_vs_clip'
+SEEDS = (0, 1, 2)
+
+# method -> loss overrides (teacher temperature relative to the student's)
+METHODS = {
+    'clip': {'loss.kind': 'clip'},
+    'psd_same_pass': {'loss.kind': 'psd', 'loss.psd.teacher': 'same_pass',
+                      'loss.psd.teacher_temperature': 2.0},
+    'psd_same_pass_offdiag': {'loss.kind': 'psd', 'loss.psd.teacher': 'same_pass',
+                              'loss.psd.teacher_temperature': 1.0,
+                              'loss.psd.teacher_diagonal': 'remove'},
+    'psd_bank': {'loss.kind': 'psd', 'loss.psd.teacher': 'bank',
+                 'loss.psd.teacher_temperature': 1.0},
+    'psd_second_pass': {'loss.kind': 'psd', 'loss.psd.teacher': 'second_pass',
+                        'loss.psd.teacher_temperature': 1.0},
+    'psd_ema': {'loss.kind': 'psd', 'loss.psd.teacher': 'ema',
+                'loss.psd.teacher_temperature': 1.0, 'loss.psd.ema_momentum': 0.99},
+}
+# grid variants: one knob changed from the base (subset 0.5, alpha_max 0.5 linear)
+VARIANTS = {
+    'base': {},
+    'alpha0.8': {'loss.alpha_max': 0.8},
+    'subset1.0': {'loss.psd.subset_fraction': 1.0},
+    'temp_x2': 'double',  # teacher temperature doubled
+}
+SCREEN_CONDITION = 'emoji_within_group_0.4'
+CONDITIONS = ('emoji_within_group_0.4', 'emoji_clean', 'emoji_shuffle_0.4',
+              'fashion_shuffle_0.5')
+FULL_CONDITIONS = ('emoji_clean',) + tuple(
+    f'emoji_{kind}_{rate}' for kind in ('shuffle', 'within_group', 'group_name')
+    for rate in (0.2, 0.4)) + ('fashion_clean', 'fashion_shuffle_0.5')
+
+
+def condition_overrides(condition: str) -> tuple[str, dict]:
+    """'emoji_within_group_0.4' -> ('emoji', {caption noise overrides})."""
+    dataset, _, rest = condition.partition('_')
+    if rest == 'clean':
+        return dataset, {}
+    kind, _, rate = rest.rpartition('_')
+    return dataset, {'data.caption_noise': float(rate), 'data.caption_noise_kind': kind}
+
+
+def method_overrides(method: str, variant: str = 'base') -> dict:
+    overrides = dict(METHODS[method])
+    change = VARIANTS[variant]
+    if change == 'double':
+        overrides['loss.psd.teacher_temperature'] = 2 * overrides['loss.psd.teacher_temperature']
+    else:
+        overrides.update(change)
+    return overrides
+
+
+def run_name(condition: str, method: str, variant: str, seed: int) -> str:
+    return f'{condition}/{method}-{variant}/seed{seed}'
+
+
+def run_one(root: pathlib.Path, condition: str, method: str, variant: str, seed: int) -> dict:
+    """Train + evaluate one run (or read its finished result); returns its final metrics."""
+    workdir = root / run_name(condition, method, variant, seed)
+    done = workdir / 'final_metrics.json'
+    if not done.exists():
+        dataset, overrides = condition_overrides(condition)
+        overrides.update(method_overrides(method, variant))
+        overrides['seed'] = seed
+        cmd = [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}:{dataset}',
+               f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+        workdir.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        print(f'[run] {run_name(condition, method, variant, seed)}', flush=True)
+        with open(workdir / 'log.txt', 'a') as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if code != 0:
+            raise RuntimeError(f'run failed (exit {code}); see {workdir / "log.txt"}')
+        print(f'      {time.time() - start:.0f} s', flush=True)
+    return json.loads(done.read_text())
+
+
+def score(result: dict) -> float:
+    """Selection score: mean held-out R@1 of both directions (emoji)."""
+    return 0.5 * (result['eval/retrieval/i2t_R@1'] + result['eval/retrieval/t2i_R@1'])
+
+
+def best(root: pathlib.Path, candidates: list[tuple[str, str]]) -> tuple[str, str]:
+    scores = {c: score(run_one(root, SCREEN_CONDITION, *c, 0)) for c in candidates}
+    return max(scores, key=scores.get)
+
+
+def sweep(root: pathlib.Path, full: bool) -> None:
+    psd_methods = [m for m in METHODS if m != 'clip']
+    for method in METHODS:  # screen
+        run_one(root, SCREEN_CONDITION, method, 'base', 0)
+    method, _ = best(root, [(m, 'base') for m in psd_methods])
+    print(f'[screen] best teacher: {method}', flush=True)
+    for variant in VARIANTS:  # grid
+        run_one(root, SCREEN_CONDITION, method, variant, 0)
+    chosen = best(root, [(method, v) for v in VARIANTS])
+    print(f'[grid] best setting: {chosen}', flush=True)
+    (root / 'chosen.json').write_text(json.dumps({'method': chosen[0], 'variant': chosen[1]}))
+    for seed in SEEDS:  # confirm: seed-major, so an interrupted sweep has every condition
+        for condition in (FULL_CONDITIONS if full else CONDITIONS):
+            for m, v in (('clip', 'base'), chosen):
+                run_one(root, condition, m, v, seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('command', choices=('run', 'report'))
+    parser.add_argument('--root', type=pathlib.Path, default=DEFAULT_ROOT,
+                        help='where the runs live (outside the repository)')
+    parser.add_argument('--full', action='store_true', help='confirm on FULL_CONDITIONS')
+    parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'docs' / 'results')
+    args = parser.parse_args()
+    if args.command == 'run':
+        start = time.time()
+        sweep(args.root, args.full)
+        print(f'sweep finished in {(time.time() - start) / 60:.1f} min', flush=True)
+    else:
+        sys.path.insert(0, str(ROOT / 'experiments'))
+        from report import write_report
+        write_report(args.root, args.out)
+
+
+if __name__ == '__main__':
+    main()
