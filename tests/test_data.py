@@ -145,6 +145,33 @@ def test_caption_noise_shuffles_exactly_the_chosen_fraction(emoji_dir):
         pipeline.CaptionNoise(src, fraction=1.5, seed=0)
 
 
+@needs_emoji
+def test_grouped_caption_noise_stays_within_the_group(emoji_dir):
+    """'within_group' swaps captions only among records of one subgroup (none keeps its own
+    unless its subgroup has a single chosen record); 'group_name' replaces the caption with the
+    subgroup's name."""
+    src = source(emoji_dir)
+    n = len(src)
+    subgroup = np.array([int(src[i]['subgroup']) for i in range(n)])
+    swapped = pipeline.CaptionNoise(src, fraction=0.4, seed=1, kind='within_group')
+    moved = np.flatnonzero(swapped.caption_of != np.arange(n))
+    assert 0.3 * n < moved.size <= round(0.4 * n)  # singletons of a subgroup stay put
+    np.testing.assert_array_equal(subgroup[swapped.caption_of], subgroup)
+    for i in moved[:30]:
+        assert swapped[int(i)]['caption'] == src[int(swapped.caption_of[i])]['caption']
+    names = src.dataset_info.features['subgroup'].names
+    generic = pipeline.CaptionNoise(src, fraction=0.2, seed=1, kind='group_name',
+                                    group_names=names)
+    assert generic.corrupted.size == round(0.2 * n)
+    for i in generic.corrupted[:30]:
+        want = names[subgroup[i]].replace('-', ' ')
+        assert generic[int(i)]['caption'] == want
+    with pytest.raises(ValueError, match='caption_noise_kind'):
+        pipeline.CaptionNoise(src, fraction=0.2, seed=1, kind='typo')
+    with pytest.raises(ValueError, match="needs the records to have 'colour'"):
+        pipeline.CaptionNoise(src, fraction=0.2, seed=1, kind='within_group', group_key='colour')
+
+
 def test_sentencepiece_trained_on_captions():
     captions = ['grinning face', 'smiling face with open mouth', 'red apple', 'green apple',
                 'dog face', 'cat face', 'face with tears of joy'] * 10

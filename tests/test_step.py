@@ -131,3 +131,56 @@ def test_second_pass_teacher_is_a_forward_over_the_subset(devices, fraction):
     np.testing.assert_allclose(teacher.text[idx], full['text'][idx], atol=2e-6)
     assert not np.any(teacher.image[~mask]) and not np.any(teacher.text[~mask])
     assert float(teacher.logit_scale) == pytest.approx(float(full['logit_scale']))
+
+
+def test_bank_teacher_distils_from_each_pairs_last_visit(devices):
+    """psd.teacher='bank': a pair's first visit keeps one-hot targets and writes its embeddings
+    into the bank; a later visit distils from those (the teacher's columns are the pairs the
+    bank has seen), with the student's current scale. Checked against psd_loss given the same
+    teacher explicitly, on 8 devices."""
+    n_pairs = 40
+    loss = losses.LossConfig(teacher='bank', subset_fraction=0.5, teacher_temperature=1.0)
+    mesh = sharding.make_mesh({'data': 8}, devices)
+    lr = schedules.warmup_cosine(1e-3, total_steps=10, warmup_steps=1)
+    setup = step.StepSetup(build_model('tiny'), step.make_optimizer(lr), loss,
+                           schedules.alpha_schedule('constant', 0.5, 10), lr, mesh, n_pairs)
+    with pytest.raises(ValueError, match='bank_size'):
+        dataclasses.replace(setup, bank_size=0)
+    shardings = step.state_shardings(setup)
+    state = step.init_state(setup, jax.random.key(4))
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    first, second = list(batches(seed))[:2]
+    first['index'] = np.arange(B, dtype=np.int32)                  # pairs 0-15
+    second['index'] = np.arange(B // 2, B // 2 + B, dtype=np.int32)  # 8-15 again, 16-23 new
+    fn = step.compile_train_step(setup, shardings, first)
+    put = lambda b: jax.device_put(b, sharding.batch_sharding(mesh))  # noqa: E731
+
+    params0 = jax.device_get(state.params)
+    out0 = jax.device_get(setup.model.apply({'params': params0}, first['image'], first['text']))
+    state, m1 = fn(state, put(first))
+    m1 = jax.device_get(m1)
+    assert m1['subset_size'] == 0 and m1['distill'] == 0  # nothing seen yet: plain CLIP
+    np.testing.assert_allclose(m1['loss'], m1['clip'], rtol=1e-6)
+    bank = jax.device_get(state.bank)
+    np.testing.assert_array_equal(bank['seen'], np.arange(n_pairs) < B)
+    np.testing.assert_allclose(bank['image'][:B], out0['image'], atol=2e-6)
+    np.testing.assert_allclose(bank['text'][:B], out0['text'], atol=2e-6)
+    assert not np.any(bank['image'][B:])
+
+    params1 = jax.device_get(state.params)
+    step_rng = jax.random.fold_in(jax.device_get(state.rng), 1)
+    subset = np.asarray(losses.subset_mask(losses.subset_indices(step_rng, B, 0.5), B))
+    seen = bank['seen'][second['index']]
+    teacher = losses.Teacher(bank['image'][second['index']], bank['text'][second['index']],
+                             params1['logit_scale'], seen)
+    out1 = setup.model.apply({'params': params1}, second['image'], second['text'])
+    want, parts = losses.psd_loss(out1['image'], out1['text'], out1['logit_scale'], mesh=mesh,
+                                  subset=subset & seen, alpha=0.5, teacher=teacher)
+    state, m2 = fn(state, put(second))
+    m2 = jax.device_get(m2)
+    assert m2['subset_size'] == np.sum(subset & seen) > 0
+    np.testing.assert_allclose(m2['loss'], want, rtol=1e-5)
+    np.testing.assert_allclose(m2['distill'], parts['distill'], rtol=1e-5)
+    assert m2['loss'] != pytest.approx(m2['clip'], rel=1e-4)  # the teacher changed the loss
+    np.testing.assert_array_equal(jax.device_get(state.bank['seen']),
+                                  np.arange(n_pairs) < B + B // 2)

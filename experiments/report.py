@@ -1,0 +1,204 @@
+"""The PSD vs CLIP report: tables (mean +- std over seeds, PSD - CLIP with a 95% interval) and
+plots from the finished runs of experiments/psd_vs_clip.py.
+
+    python experiments/psd_vs_clip.py report [--root ...] [--out docs/results]
+
+Differences are paired by seed (same data order, noise draw and initialisation): the interval
+is mean +- t(0.975, n-1) * sd / sqrt(n) of the per-seed differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+
+from psd_vs_clip import CONDITIONS, FULL_CONDITIONS, METHODS, SCREEN_CONDITION, VARIANTS, score
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262}
+EMOJI_METRICS = (('retrieval R@1 (mean of both)', score),
+                 ('i2t R@1', 'eval/retrieval/i2t_R@1'), ('i2t R@5', 'eval/retrieval/i2t_R@5'),
+                 ('i2t R@10', 'eval/retrieval/i2t_R@10'), ('t2i R@1', 'eval/retrieval/t2i_R@1'),
+                 ('t2i R@5', 'eval/retrieval/t2i_R@5'), ('t2i R@10', 'eval/retrieval/t2i_R@10'),
+                 ('zero-shot top-1 (groups)', 'eval/zero_shot/top1'))
+FASHION_METRICS = (('zero-shot top-1', 'eval/zero_shot/top1'),
+                   ('linear probe', 'eval/linear_probe/accuracy'))
+
+
+def load_runs(root: pathlib.Path) -> list[dict]:
+    """Every finished run: condition, method, variant, seed, metrics, step time, wall time."""
+    runs = []
+    for done in sorted(root.glob('*/*/seed*/final_metrics.json')):
+        workdir = done.parent
+        method, _, variant = workdir.parent.name.partition('-')
+        lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+        times = [x['step_time_s'] for x in lines if 'step_time_s' in x][1:]  # drop compile
+        runs.append({'condition': workdir.parent.parent.name, 'method': method,
+                     'variant': variant, 'seed': int(workdir.name[4:]),
+                     'metrics': json.loads(done.read_text()),
+                     'step_time_s': statistics.median(times) if times else float('nan'),
+                     'wall_s': done.stat().st_mtime - (workdir / 'config.json').stat().st_mtime,
+                     'alpha': [(x['step'], x['alpha']) for x in lines if 'alpha' in x]})
+    return runs
+
+
+def value(run: dict, metric) -> float:
+    return metric(run['metrics']) if callable(metric) else run['metrics'][metric]
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return '-'
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f'{100 * statistics.mean(xs):.1f} +- {100 * sd:.1f}'
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> str:
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return '-'
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f'{100 * mean:+.1f} (1 seed)'
+    half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f'{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]'
+
+
+def screen_table(runs: list[dict], condition: str) -> list[str]:
+    rows = [r for r in runs if r['condition'] == condition and r['seed'] == 0]
+    lines = ['| method | setting | R@1 mean | i2t R@1 | t2i R@1 | zero-shot | s/step |',
+             '|---|---|---|---|---|---|---|']
+    for r in sorted(rows, key=lambda r: (list(METHODS).index(r['method']),
+                                         list(VARIANTS).index(r['variant']))):
+        m = r['metrics']
+        lines.append(f"| {r['method']} | {r['variant']} | {100 * score(m):.1f} | "
+                     f"{100 * m['eval/retrieval/i2t_R@1']:.1f} | "
+                     f"{100 * m['eval/retrieval/t2i_R@1']:.1f} | "
+                     f"{100 * m['eval/zero_shot/top1']:.1f} | {r['step_time_s']:.3f} |")
+    return lines
+
+
+def confirm_table(runs: list[dict], chosen: tuple[str, str], conditions) -> list[str]:
+    lines = ['| condition | metric | CLIP | PSD | PSD - CLIP [95% CI] | seeds |',
+             '|---|---|---|---|---|---|']
+    for condition in conditions:
+        metrics = EMOJI_METRICS if condition.startswith('emoji') else FASHION_METRICS
+        by = {}
+        for key in (('clip', 'base'), chosen):
+            by[key] = {r['seed']: r for r in runs if r['condition'] == condition
+                       and (r['method'], r['variant']) == key}
+        if not by[('clip', 'base')] or not by[chosen]:
+            continue
+        for label, metric in metrics:
+            clip = {s: value(r, metric) for s, r in by[('clip', 'base')].items()}
+            psd = {s: value(r, metric) for s, r in by[chosen].items()}
+            lines.append(f'| {condition} | {label} | {mean_std(list(clip.values()))} | '
+                         f'{mean_std(list(psd.values()))} | {paired_difference(psd, clip)} | '
+                         f'{len(set(clip) & set(psd))} |')
+    return lines
+
+
+def plot_noise(runs: list[dict], chosen: tuple[str, str], out: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kinds, (label, metric) in (
+            (axes[0], ('shuffle', 'within_group', 'group_name'), EMOJI_METRICS[0]),
+            (axes[1], ('shuffle',), FASHION_METRICS[0])):
+        dataset = 'emoji' if ax is axes[0] else 'fashion'
+        for kind in kinds:
+            for key, style in ((('clip', 'base'), '--'), (chosen, '-')):
+                xs, ys, es = [], [], []
+                for rate in (0.0, 0.2, 0.4, 0.5):
+                    condition = f'{dataset}_clean' if rate == 0 else f'{dataset}_{kind}_{rate}'
+                    vals = [value(r, metric) for r in runs if r['condition'] == condition
+                            and (r['method'], r['variant']) == key]
+                    if vals:
+                        xs.append(rate)
+                        ys.append(100 * statistics.mean(vals))
+                        es.append(100 * statistics.stdev(vals) if len(vals) > 1 else 0.0)
+                if len(xs) > 1:
+                    name = 'CLIP' if key[0] == 'clip' else f'{key[0]} ({key[1]})'
+                    ax.errorbar(xs, ys, yerr=es, linestyle=style, marker='o', capsize=3,
+                                label=f'{name}, {kind}')
+        ax.set_xlabel('fraction of training captions corrupted')
+        ax.set_ylabel(f'{label} (%)')
+        ax.set_title(f'{dataset}: mean +- std over seeds')
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / 'psd_vs_clip_noise.png', dpi=120)
+    plt.close(fig)
+
+
+def plot_alpha(runs: list[dict], chosen: tuple[str, str], out: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    run = next(r for r in runs if (r['method'], r['variant']) == chosen)
+    steps, alphas = zip(*run['alpha'])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(steps, alphas, marker='.')
+    ax.set_xlabel('step')
+    ax.set_ylabel('a (weight of the teacher)')
+    ax.set_title(f'a schedule of {chosen[0]} ({chosen[1]})')
+    fig.tight_layout()
+    fig.savefig(out / 'psd_vs_clip_alpha.png', dpi=120)
+    plt.close(fig)
+
+
+def step_time_lines(root_dir: pathlib.Path) -> list[str]:
+    path = root_dir / 'benchmarks' / 'results' / 'step_time.json'
+    if not path.exists():
+        return ['(run `python benchmarks/step_time.py` for the compiled-step ratios)']
+    data = json.loads(path.read_text())
+    lines = [f"Compiled train step alone ({data['config']}, `python benchmarks/step_time.py`, "
+             'median of the runs):', '', '| variant | ms/step | PSD / CLIP |', '|---|---|---|']
+    for row in data['rows']:
+        lines.append(f"| {row['variant']} | {row['ms_per_step']:.1f} | "
+                     f"{row['ratio_to_clip']:.3f} |")
+    return lines
+
+
+def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f'no finished runs under {root}; run the sweep first')
+    chosen_file = root / 'chosen.json'
+    if not chosen_file.exists():
+        raise FileNotFoundError(f'{chosen_file} is missing: the sweep has not finished its grid')
+    chosen = tuple(json.loads(chosen_file.read_text()).values())
+    out.mkdir(parents=True, exist_ok=True)
+    conditions = [c for c in FULL_CONDITIONS + CONDITIONS if any(
+        r['condition'] == c for r in runs)]
+    conditions = list(dict.fromkeys(conditions))
+    wall = sum(r['wall_s'] for r in runs) / 60
+    text = [
+        '# PSD vs CLIP under caption noise',
+        '',
+        'Produced by `python experiments/psd_vs_clip.py run` then `... report` '
+        f'({len(runs)} runs, {wall:.0f} min of training and evaluation on a 2-core CPU, '
+        'summed over runs). Numbers are percentages. Every run: the tiny ViT + text tower, '
+        '300 steps of batch 128 (configs/experiments/psd_vs_clip.py).',
+        '',
+        f'## Screen: every teacher source (seed 0, {SCREEN_CONDITION})',
+        '', *screen_table([r for r in runs if r['variant'] == 'base'], SCREEN_CONDITION), '',
+        f'## Grid around the best teacher (seed 0, {SCREEN_CONDITION})',
+        '', *screen_table([r for r in runs if r['method'] == chosen[0]], SCREEN_CONDITION), '',
+        f'Chosen: **{chosen[0]} ({chosen[1]})**.', '',
+        '## Confirmation: CLIP vs the chosen PSD setting over seeds', '',
+        *confirm_table(runs, chosen, conditions), '',
+        '![metric vs noise](psd_vs_clip_noise.png)', '',
+        '![a schedule](psd_vs_clip_alpha.png)', '',
+        '## Step time', '', *step_time_lines(pathlib.Path(__file__).resolve().parents[1]), '',
+        'Per-run s/step in the tables above is the logged wall time per step including the '
+        'input pipeline.', '']
+    (out / 'psd_vs_clip.md').write_text('\n'.join(text))
+    plot_noise(runs, chosen, out)
+    plot_alpha(runs, chosen, out)
+    print(f'wrote {out / "psd_vs_clip.md"}')
