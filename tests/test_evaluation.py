@@ -143,3 +143,39 @@ def test_effective_robustness_against_a_known_logit_line():
     assert report['effective_robustness'] == pytest.approx(0.05)
     with pytest.raises(ValueError, match='imagenet2012'):
         rb.robustness_report({'imagenet_v2': 0.5}, fitted)
+
+
+def test_testbed_baselines_are_the_least_squares_lines_of_the_standard_models():
+    """The shipped testbed table (85 standard ImageNet models) gives each shift's logit-linear
+    baseline: checked against an independent normal-equation solve, against the torchvision
+    ResNet-50 (a standard model sits on the lines), and against zero-shot CLIP ViT-L/14@336px,
+    whose large effective robustness is the CLIP paper's headline (Radford et al. 2021, Fig. 13:
+    ImageNet 76.2, V2 70.1, R 88.9, Sketch 60.2, A 77.1, ObjectNet 72.3)."""
+    from psd_jax.evaluation import robustness as rb
+
+    table = rb.read_testbed()
+    assert len(table['model']) == 85
+    lines = rb.testbed_baselines()
+    for shift in rb.SHIFTS:
+        keep = np.isfinite(table[shift]) & (table[shift] > 0)
+        x, y = rb.logit(table['imagenet2012'][keep]), rb.logit(table[shift][keep])
+        design = np.stack([x, np.ones_like(x)], axis=1)
+        want = np.linalg.solve(design.T @ design, design.T @ y)
+        np.testing.assert_allclose(lines[shift], want, rtol=1e-9, err_msg=shift)
+        residual = y - (want[0] * x + want[1])
+        assert abs(residual.mean()) < 1e-9  # least squares with an intercept: zero mean
+    resnet50 = {k: float(table[k][table['model'] == 'resnet50'][0])
+                for k in ('imagenet2012', 'imagenet_v2', 'imagenet_r', 'imagenet_sketch')}
+    report = rb.robustness_report(resnet50)
+    assert abs(report['effective_robustness']) < 0.02, report
+    clip = {'imagenet2012': 0.762, 'imagenet_v2': 0.701, 'imagenet_r': 0.889,
+            'imagenet_sketch': 0.602, 'imagenet_a': 0.771, 'objectnet': 0.723}
+    report = rb.robustness_report(clip)
+    assert report['effective_robustness'] > 0.3, report
+    assert all(report[f'effective_robustness/{k}'] > 0 for k in rb.SHIFTS)
+    assert report['effective_robustness'] == pytest.approx(np.mean(
+        [report[f'effective_robustness/{k}'] for k in rb.SHIFTS]))
+    with pytest.raises(ValueError, match='imagenet_c'):
+        rb.robustness_report({'imagenet2012': 0.7, 'imagenet_c': 0.4})
+    with pytest.raises(ValueError, match='fraction'):
+        rb.robustness_report({'imagenet2012': 76.2, 'imagenet_v2': 70.1})

@@ -24,6 +24,7 @@ def get_config(dataset: str = 'emoji'):
     config.model.image_size = 32
     config.model.context_length = 16
     config.data.global_batch = 128
+    config.data.workers = 1  # decoding overlaps the step (same batches as 0 workers)
     config.loss.kind = 'clip'
     config.loss.alpha_schedule = 'linear'
     config.loss.alpha_max = 0.5
