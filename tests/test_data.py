@@ -172,6 +172,27 @@ def test_grouped_caption_noise_stays_within_the_group(emoji_dir):
         pipeline.CaptionNoise(src, fraction=0.2, seed=1, kind='within_group', group_key='colour')
 
 
+def test_global_batches_are_the_same_for_any_number_of_hosts():
+    """Each host's slice of every global batch, concatenated in host order, is the batch one
+    host reads: the same records with the same augmentation RNG, across epoch boundaries."""
+    n, batch, seed = 103, 24, int(np.random.SeedSequence().entropy % 2**31)
+    one = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1)
+    for hosts in (2, 3, 4):
+        parts = [pipeline.GlobalBatchSampler(n, batch, seed, host=h, hosts=hosts)
+                 for h in range(hosts)]
+        b = batch // hosts
+        for step in range(10):  # ten global batches: more than two epochs of 103 records
+            got = [parts[h][step * b + i] for h in range(hosts) for i in range(b)]
+            want = [one[step * batch + i] for i in range(batch)]
+            assert [m.record_key for m in got] == [m.record_key for m in want]
+            assert [m.rng.integers(2**62) for m in got] == [m.rng.integers(2**62) for m in want]
+    keys = [one[i].record_key for i in range(2 * n)]
+    assert sorted(keys[:n]) == list(range(n)) == sorted(keys[n:])  # every record once per epoch
+    assert keys[:n] != keys[n:]  # a new order each epoch
+    with pytest.raises(ValueError, match='does not divide across 5 hosts'):
+        pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=5)
+
+
 def test_sentencepiece_trained_on_captions():
     captions = ['grinning face', 'smiling face with open mouth', 'red apple', 'green apple',
                 'dog face', 'cat face', 'face with tears of joy'] * 10

@@ -1,7 +1,8 @@
 """grain input pipelines over tfds ArrayRecord data sources.
 
-Random access from `tfds.data_source`; per-host sharding (`ShardByJaxProcess`); a seeded global
-shuffle, different every epoch; decoding; CLIP image preprocessing (random resized crop for
+Random access from `tfds.data_source`; a seeded global shuffle, different every epoch, of which
+each host reads its slice of every global batch (the same batches for any number of hosts);
+decoding; CLIP image preprocessing (random resized crop for
 training, resize + centre crop for evaluation, CLIP mean/std); tokenisation; batching to this
 host's share of the global batch; worker processes. `iterator.get_state()` /
 `set_state()` make the position checkpointable, so a resumed run sees the same batches.
@@ -174,6 +175,41 @@ class Preprocess(grain.RandomMapTransform):
         return out
 
 
+class GlobalBatchSampler:
+    """One seeded global order of the records, each global batch split across the hosts.
+
+    Host h of n reads global positions [s B + h b, s B + (h + 1) b) for its s-th batch (B the
+    global batch, b = B / n), and every record's augmentation RNG is keyed by its global
+    position. So the global batches, and the augmentations in them, are the same for any number
+    of hosts: a run on 1 host and on 8 sees the same data in the same order. Shuffled anew every
+    epoch (grain's IndexSampler over all records, no per-host shards).
+    """
+
+    def __init__(self, num_records: int, global_batch: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, host: int | None = None,
+                 hosts: int | None = None):
+        self.hosts = jax.process_count() if hosts is None else hosts
+        self.host = jax.process_index() if host is None else host
+        if global_batch % self.hosts:
+            raise ValueError(f'global batch {global_batch} does not divide across {self.hosts} '
+                             'hosts')
+        if not 0 <= self.host < self.hosts:
+            raise ValueError(f'host {self.host} is not in [0, {self.hosts})')
+        self.global_batch, self.host_batch = global_batch, global_batch // self.hosts
+        self.order = grain.IndexSampler(num_records=num_records, shard_options=grain.NoSharding(),
+                                        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        step, offset = divmod(index, self.host_batch)
+        position = step * self.global_batch + self.host * self.host_batch + offset
+        record = self.order[position]
+        return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+    def __repr__(self) -> str:  # grain checks the sampler's repr when a state is restored
+        return (f'GlobalBatchSampler(global_batch={self.global_batch}, host={self.host}, '
+                f'hosts={self.hosts}, order={self.order!r})')
+
+
 def per_host_batch(global_batch: int) -> int:
     """This host's share of the global batch."""
     hosts = jax.process_count()
@@ -189,21 +225,28 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
                 crop_scale: tuple[float, float] = (0.9, 1.0)) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
 
-    Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`.
-    Evaluation (`train=False`): in order, one epoch. Yields this host's batches.
+    Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`; each
+    host reads its slice of every global batch (`GlobalBatchSampler`: the same global batches
+    for any number of hosts). Evaluation (`train=False`): in order, one epoch, the records split
+    into one contiguous shard per host. Yields this host's batches.
     """
     if len(source) == 0:
         raise ValueError('the data source is empty')
     if worker_count and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside an absl app
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardByJaxProcess(drop_remainder=drop_remainder),
-        shuffle=train, num_epochs=num_epochs if train else 1, seed=seed)
+    if train:  # the sampler picks this host's records itself
+        sampler = GlobalBatchSampler(len(source), global_batch, seed, num_epochs=num_epochs)
+        shard_options = grain.NoSharding()
+    else:
+        sampler = grain.IndexSampler(
+            num_records=len(source),
+            shard_options=grain.ShardByJaxProcess(drop_remainder=drop_remainder),
+            shuffle=False, num_epochs=1, seed=seed)
+        shard_options = None  # taken from the sampler
     if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
         raise ValueError(f'data.crop_scale={crop_scale}: need 0 < min <= max <= 1')
     ops = [Preprocess(image_size, tokenizer, context_length, train, tuple(keep), teacher_view,
                       tuple(crop_scale)),
            grain.Batch(per_host_batch(global_batch), drop_remainder=drop_remainder)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
-                            worker_count=worker_count)
+                            worker_count=worker_count, shard_options=shard_options)
