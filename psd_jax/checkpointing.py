@@ -36,7 +36,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=asynchronous, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=('state', 'data', 'config'))
+                                             item_names=('state', 'data', 'config', 'hosts'))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -47,7 +47,8 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_saveable(state)),
             data=grain.PyGrainCheckpointSave(iterator),
-            config=ocp.args.JsonSave(config))
+            config=ocp.args.JsonSave(config),
+            hosts=ocp.args.JsonSave({'process_count': jax.process_count()}))
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state: TrainState, iterator: Any,
@@ -67,6 +68,15 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = restored['state']
         return state.replace(rng=jax.random.wrap_key_data(state.rng)), step
+
+    def saved_process_count(self, step: int | None = None) -> int | None:
+        """How many hosts wrote this checkpoint (None: not recorded). The data position of
+        each host can be restored only onto as many hosts."""
+        step = self.latest_step() if step is None else step
+        if step is None or not (self.directory / str(step) / 'hosts').exists():
+            return None
+        return int(self.manager.restore(step, args=ocp.args.Composite(
+            hosts=ocp.args.JsonRestore()))['hosts']['process_count'])
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

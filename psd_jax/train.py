@@ -79,13 +79,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
     if setup.loss.needs_bank:
         source = pipeline.WithIndex(source)
-    loader = pipeline.make_loader(
-        source, global_batch=config.data.global_batch, image_size=config.model.image_size,
-        tokenizer=tokenizer, context_length=config.model.context_length, train=True,
-        seed=config.seed, worker_count=config.data.workers,
-        keep=('index',) if setup.loss.needs_bank else (),
-        teacher_view=setup.loss.needs_teacher_forward, crop_scale=tuple(config.data.crop_scale))
-    iterator = iter(loader)
+    def training_data(start_batch: int = 0):
+        return iter(pipeline.make_loader(
+            source, global_batch=config.data.global_batch, image_size=config.model.image_size,
+            tokenizer=tokenizer, context_length=config.model.context_length, train=True,
+            seed=config.seed, worker_count=config.data.workers,
+            keep=('index',) if setup.loss.needs_bank else (),
+            teacher_view=setup.loss.needs_teacher_forward,
+            crop_scale=tuple(config.data.crop_scale), start_batch=start_batch))
+
+    iterator = training_data()
 
     shardings = step.state_shardings(setup, config.param_sharding)
     b, s = config.data.global_batch, config.model.image_size
@@ -105,7 +108,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints,
                                       config.train.keep_every)
     if ckpt.latest_step() is not None:
-        state, start = ckpt.restore(step.abstract_state(setup, shardings), iterator)
+        saved_hosts = ckpt.saved_process_count()
+        same_hosts = saved_hosts in (None, jax.process_count())
+        state, start = ckpt.restore(step.abstract_state(setup, shardings),
+                                    iterator if same_hosts else None)
+        if not same_hosts:  # each host's saved position is for another split of the batches
+            iterator = training_data(start_batch=start)
+            logging.warning('checkpoint written by %d hosts, resumed on %d: the data restarts '
+                            'at global batch %d of the same order', saved_hosts,
+                            jax.process_count(), start)
         logging.info('resumed from step %d of %s', start, ckpt.directory)
     else:
         state = step.init_state(setup, jax.random.key(config.seed), config.param_sharding)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -91,6 +92,18 @@ def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
         env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-4000:]
 
+    # resume the 2-host run from its step-2 checkpoint on 1 host: the data continues at global
+    # batch 2 of the same order, so step 3 is the step the others took
+    shutil.copytree(tmp_path / 'multi', tmp_path / 'resumed')
+    shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '3')
+    resumed = subprocess.run(
+        [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}',
+         f'--workdir={tmp_path / "resumed"}', '--config.train.steps=3',
+         '--config.eval.evaluators=()', '--config.metrics.tensorboard=False', *SAME_DATA],
+        env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert 'checkpoint written by 2 hosts, resumed on 1' in resumed.stderr
+
     import importlib.util
     spec = importlib.util.spec_from_file_location('tiny_test', CONFIG)
     module = importlib.util.module_from_spec(spec)
@@ -99,7 +112,7 @@ def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
     setup = config_lib.step_setup(config, sharding.make_mesh({'data': 4}, devices[:4]))
     target = step.abstract_state(setup, step.state_shardings(setup))
     params = []
-    for run in ('multi', 'single'):
+    for run in ('multi', 'single', 'resumed'):
         ckpt = checkpointing.Checkpointer(tmp_path / run, asynchronous=False)
         state, at = ckpt.restore(target, None)
         ckpt.close()
@@ -109,9 +122,10 @@ def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
     moved = max(float(np.max(np.abs(a - b))) for a, b in
                 zip(jax.tree.leaves(params[1]), jax.tree.leaves(initial)))
     assert moved > 1e-3  # three steps of lr 1e-3 moved the parameters
-    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
-        diff = float(np.max(np.abs(a - b)))
-        assert diff <= PARAM_ATOL, f"2 hosts and 1 host differ by {diff:.3g}"
+    for other, what in ((params[0], '2 hosts'), (params[2], '2 hosts resumed on 1')):
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(params[1])):
+            diff = float(np.max(np.abs(a - b)))
+            assert diff <= PARAM_ATOL, f"{what} and 1 host differ by {diff:.3g}"
 
 
 def test_sigterm_on_every_host_checkpoints_one_agreed_step(tmp_path):

@@ -187,7 +187,7 @@ class GlobalBatchSampler:
 
     def __init__(self, num_records: int, global_batch: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, host: int | None = None,
-                 hosts: int | None = None):
+                 hosts: int | None = None, start_batch: int = 0):
         self.hosts = jax.process_count() if hosts is None else hosts
         self.host = jax.process_index() if host is None else host
         if global_batch % self.hosts:
@@ -196,18 +196,20 @@ class GlobalBatchSampler:
         if not 0 <= self.host < self.hosts:
             raise ValueError(f'host {self.host} is not in [0, {self.hosts})')
         self.global_batch, self.host_batch = global_batch, global_batch // self.hosts
+        self.start_batch = start_batch  # local index 0 is global batch `start_batch`
         self.order = grain.IndexSampler(num_records=num_records, shard_options=grain.NoSharding(),
                                         shuffle=shuffle, num_epochs=num_epochs, seed=seed)
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         step, offset = divmod(index, self.host_batch)
+        step += self.start_batch
         position = step * self.global_batch + self.host * self.host_batch + offset
         record = self.order[position]
         return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
 
     def __repr__(self) -> str:  # grain checks the sampler's repr when a state is restored
         return (f'GlobalBatchSampler(global_batch={self.global_batch}, host={self.host}, '
-                f'hosts={self.hosts}, order={self.order!r})')
+                f'hosts={self.hosts}, start_batch={self.start_batch}, order={self.order!r})')
 
 
 def per_host_batch(global_batch: int) -> int:
@@ -222,7 +224,8 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
                 context_length: int, train: bool, seed: int = 0, num_epochs: int | None = None,
                 worker_count: int = 0, keep: Sequence[str] = ('label',),
                 drop_remainder: bool = True, teacher_view: bool = False,
-                crop_scale: tuple[float, float] = (0.9, 1.0)) -> grain.DataLoader:
+                crop_scale: tuple[float, float] = (0.9, 1.0),
+                start_batch: int = 0) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
 
     Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`; each
@@ -235,7 +238,8 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
     if worker_count and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside an absl app
     if train:  # the sampler picks this host's records itself
-        sampler = GlobalBatchSampler(len(source), global_batch, seed, num_epochs=num_epochs)
+        sampler = GlobalBatchSampler(len(source), global_batch, seed, num_epochs=num_epochs,
+                                     start_batch=start_batch)
         shard_options = grain.NoSharding()
     else:
         sampler = grain.IndexSampler(
