@@ -129,7 +129,8 @@ def plot_noise(runs: list[dict], chosen: tuple[str, str], out: pathlib.Path) -> 
         ax.set_xlabel('fraction of training captions corrupted')
         ax.set_ylabel(f'{label} (%)')
         ax.set_title(f'{dataset}: mean +- std over seeds')
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / 'psd_vs_clip_noise.png', dpi=120)
     plt.close(fig)

@@ -1,0 +1,78 @@
+"""The PSD-vs-CLIP report generator on made-up finished runs (no training): seed-paired
+differences with a t interval, the screen and grid tables, the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'experiments'))
+
+import psd_vs_clip  # noqa: E402
+import report  # noqa: E402
+
+
+def fake_run(root, condition, method, variant, seed, i2t, t2i, top1=0.2, probe=None):
+    workdir = root / psd_vs_clip.run_name(condition, method, variant, seed)
+    workdir.mkdir(parents=True)
+    (workdir / 'config.json').write_text('{}')
+    lines = [{'step': s, 'alpha': 0.5 * s / 300, 'step_time_s': 0.1, 'loss': 1.0}
+             for s in (25, 50, 300)]
+    (workdir / 'metrics.jsonl').write_text('\n'.join(json.dumps(x) for x in lines))
+    metrics = {'eval/retrieval/i2t_R@1': i2t, 'eval/retrieval/t2i_R@1': t2i,
+               'eval/retrieval/i2t_R@5': i2t, 'eval/retrieval/i2t_R@10': i2t,
+               'eval/retrieval/t2i_R@5': t2i, 'eval/retrieval/t2i_R@10': t2i,
+               'eval/zero_shot/top1': top1}
+    if probe is not None:
+        metrics['eval/linear_probe/accuracy'] = probe
+    (workdir / 'final_metrics.json').write_text(json.dumps(metrics))
+
+
+def test_report_pairs_seeds_and_writes_tables_and_plots(tmp_path):
+    rng = np.random.default_rng()
+    condition = psd_vs_clip.SCREEN_CONDITION
+    for method in psd_vs_clip.METHODS:
+        fake_run(tmp_path, condition, method, 'base', 0, rng.uniform(0.1, 0.2),
+                 rng.uniform(0.1, 0.2))
+    chosen = ('psd_bank', 'base')
+    (tmp_path / 'chosen.json').write_text(json.dumps({'method': chosen[0],
+                                                      'variant': chosen[1]}))
+    for seed in (1, 2):
+        fake_run(tmp_path, condition, 'clip', 'base', seed, rng.uniform(0.1, 0.2), 0.1)
+        fake_run(tmp_path, condition, *chosen, seed, rng.uniform(0.1, 0.2), 0.1)
+    runs = report.load_runs(tmp_path)
+    score = {(r['method'], r['seed']): report.score(r['metrics']) for r in runs}
+    diffs = [score[('psd_bank', s)] - score[('clip', s)] for s in (0, 1, 2)]
+    mean, sd = np.mean(diffs), np.std(diffs, ddof=1)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    want = f'{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]'
+    report.write_report(tmp_path, tmp_path / 'out')
+    text = (tmp_path / 'out' / 'psd_vs_clip.md').read_text()
+    row = next(line for line in text.splitlines()
+               if line.startswith(f'| {condition} | retrieval R@1 (mean of both)'))
+    assert want in row and row.endswith('| 3 |'), (row, want)
+    for method in psd_vs_clip.METHODS:
+        assert f'| {method} | base |' in text
+    assert (tmp_path / 'out' / 'psd_vs_clip_noise.png').stat().st_size > 0
+    assert (tmp_path / 'out' / 'psd_vs_clip_alpha.png').stat().st_size > 0
+
+
+def test_report_refuses_an_unfinished_sweep(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no finished runs'):
+        report.write_report(tmp_path, tmp_path / 'out')
+
+
+def test_conditions_and_overrides():
+    assert psd_vs_clip.condition_overrides('emoji_clean') == ('emoji', {})
+    assert psd_vs_clip.condition_overrides('emoji_within_group_0.4') == (
+        'emoji', {'data.caption_noise': 0.4, 'data.caption_noise_kind': 'within_group'})
+    assert psd_vs_clip.condition_overrides('fashion_shuffle_0.5')[1][
+        'data.caption_noise_kind'] == 'shuffle'
+    doubled = psd_vs_clip.method_overrides('psd_same_pass', 'temp_x2')
+    assert doubled['loss.psd.teacher_temperature'] == 4.0
