@@ -58,7 +58,7 @@ VARIANTS = {
 }
 SCREEN_CONDITION = 'emoji_within_group_0.4'
 CONDITIONS = ('emoji_within_group_0.4', 'emoji_clean', 'emoji_shuffle_0.4',
-              'fashion_shuffle_0.5')
+              'fashion_shuffle_0.5', 'fashion_clean')
 FULL_CONDITIONS = ('emoji_clean',) + tuple(
     f'emoji_{kind}_{rate}' for kind in ('shuffle', 'within_group', 'group_name')
     for rate in (0.2, 0.4)) + ('fashion_clean', 'fashion_shuffle_0.5')
