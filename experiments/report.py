@@ -197,6 +197,27 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
         '![metric vs noise](psd_vs_clip_noise.png)', '',
         '![a schedule](psd_vs_clip_alpha.png)', '',
         '## Step time', '', *step_time_lines(pathlib.Path(__file__).resolve().parents[1]), '',
+        '## What was compared', '',
+        '- `clip`: the CLIP loss. Every PSD method: soft targets on a random half of each batch, '
+        'a ramped linearly from 0 to `alpha_max` = 0.5 over the run, teacher temperature '
+        'relative to the student\'s.',
+        '- `psd_same_pass`: this step\'s own logits at teacher temperature 2 (no added compute).',
+        '- `psd_same_pass_offdiag`: this step\'s logits at temperature 1 with the matching pair '
+        'removed from the teacher distribution (no added compute).',
+        '- `psd_bank`: each pair\'s embeddings from its previous visit, one epoch earlier (no '
+        'added forward; PS-KD-style).',
+        '- `psd_second_pass`: a stop-gradient forward of the current parameters over the subset '
+        'on the un-augmented view.',
+        '- `psd_ema`: the same forward with EMA parameters (momentum 0.99; ALBEF-style).',
+        '- Grid (one knob at a time around the best screened teacher): alpha_max 0.8, subset '
+        'fraction 1.0, teacher temperature doubled.',
+        '- Noise: `shuffle` gives a chosen caption another random record\'s caption; '
+        '`within_group` swaps captions among records of the same emoji subgroup (plausible '
+        'captions of related images, the many-to-many noise of web data); `group_name` (in '
+        '`--full`) replaces captions by the subgroup\'s name. Fashion-MNIST captions are '
+        '\'a photo of a {class}.\'; shuffling half of them gives about 45% wrong labels.',
+        '- Not built: a previous-step-overlap teacher (DLB-style), which needs batches that '
+        'repeat part of the previous one.', '',
         'Per-run s/step in the tables above is the logged wall time per step including the '
         'input pipeline.', '']
     (out / 'psd_vs_clip.md').write_text('\n'.join(text))
