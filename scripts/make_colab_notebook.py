@@ -8,7 +8,7 @@ code = lambda s: cells.append(nbf.v4.new_code_cell(s))
 
 md("""# psd_jax on Colab: Progressive Self-Distillation on emoji
 
-Trains the demo config (a tiny ViT + text transformer, PSD with a same-pass teacher) on the
+Trains the demo config (a tiny ViT + text transformer, PSD with an EMA teacher) on the
 Google-style emoji with their English names, then evaluates on the Twitter-style emoji, which it
 never saw: retrieval and zero-shot classification. Uses the runtime's accelerator when there is
 one (Runtime > Change runtime type); a CPU runtime finishes in about 5 minutes.
