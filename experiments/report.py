@@ -101,6 +101,27 @@ def confirm_table(runs: list[dict], chosen: tuple[str, str], conditions) -> list
     return lines
 
 
+def verdict(table: list[str]) -> str:
+    """A plain sentence on how many of the confirmation's intervals exclude zero."""
+    above = below = total = 0
+    for line in table[2:]:
+        cell = line.split('|')[5].strip()
+        if '[' not in cell:
+            continue
+        low, high = (float(x) for x in cell[cell.index('[') + 1:cell.index(']')].split(','))
+        total += 1
+        above += low > 0
+        below += high < 0
+    if not total:
+        return 'No condition has several seeds yet.'
+    if above == 0 and below == 0:
+        return (f'**No difference beyond the seed noise**: all {total} PSD - CLIP intervals '
+                '(condition x metric, paired over seeds) include zero.')
+    return (f'{above} of {total} PSD - CLIP intervals lie above zero and {below} below zero '
+            '(condition x metric, paired over seeds; with this many comparisons about one in '
+            'twenty excludes zero by chance).')
+
+
 def plot_noise(runs: list[dict], chosen: tuple[str, str], out: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -179,6 +200,7 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
         r['condition'] == c for r in runs)]
     conditions = list(dict.fromkeys(conditions))
     wall = sum(r['wall_s'] for r in runs) / 60
+    table = confirm_table(runs, chosen, conditions)
     text = [
         '# PSD vs CLIP under caption noise',
         '',
@@ -193,7 +215,7 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
         '', *screen_table([r for r in runs if r['method'] == chosen[0]], SCREEN_CONDITION), '',
         f'Chosen: **{chosen[0]} ({chosen[1]})**.', '',
         '## Confirmation: CLIP vs the chosen PSD setting over seeds', '',
-        *confirm_table(runs, chosen, conditions), '',
+        verdict(table), '', *table, '',
         '![metric vs noise](psd_vs_clip_noise.png)', '',
         '![a schedule](psd_vs_clip_alpha.png)', '',
         '## Step time', '', *step_time_lines(pathlib.Path(__file__).resolve().parents[1]), '',
