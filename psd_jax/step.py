@@ -160,15 +160,15 @@ def _teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Arra
     return losses.Teacher(scatter(out['image']), scatter(out['text']), out['logit_scale'], mask)
 
 
-def _bank_teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Array,
-                  batch_size: int) -> tuple[losses.Teacher, jax.Array]:
+def _bank_teacher(state: TrainState, batch: dict,
+                  subset: jax.Array) -> tuple[losses.Teacher, jax.Array]:
     """The bank's embeddings of this batch's pairs as the teacher, with the student's current
-    (stop-gradient) scale; returns it and the subset mask restricted to pairs seen before."""
+    (stop-gradient) scale; returns it and `subset` (B,) restricted to pairs seen before."""
     index = batch['index']
     seen = state.bank['seen'][index]
     teacher = losses.Teacher(state.bank['image'][index], state.bank['text'][index],
                              jax.lax.stop_gradient(state.params['logit_scale']), seen)
-    return teacher, losses.subset_mask(indices, batch_size) & seen
+    return teacher, subset & seen
 
 
 def _update_bank(bank: dict, index: jax.Array, out: dict) -> dict:
@@ -205,7 +205,7 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
         if setup.loss.needs_bank:
             if 'index' not in batch:
                 raise ValueError("psd.teacher='bank' needs batch['index'] (dataset positions)")
-            teacher, subset = _bank_teacher(setup, state, batch, indices, batch_size)
+            teacher, subset = _bank_teacher(state, batch, subset)
         else:
             teacher = _teacher(setup, state, batch, indices, batch_size)
     has_bn = bool(state.batch_stats)

@@ -85,22 +85,21 @@ def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
 
     multi = launch(tmp_path / 'multi', 3, *SAME_DATA, evaluators='--config.eval.evaluators=()')
     assert multi.returncode == 0, multi.stderr[-4000:]
-    single = subprocess.run(
-        [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}',
-         f'--workdir={tmp_path / "single"}', '--config.train.steps=3',
-         '--config.eval.evaluators=()', '--config.metrics.tensorboard=False', *SAME_DATA],
-        env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
+    def one_host(workdir):  # 3 steps on 1 process x 4 devices
+        return subprocess.run(
+            [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}', f'--workdir={workdir}',
+             '--config.train.steps=3', '--config.eval.evaluators=()',
+             '--config.metrics.tensorboard=False', *SAME_DATA],
+            env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
+
+    single = one_host(tmp_path / 'single')
     assert single.returncode == 0, single.stderr[-4000:]
 
     # resume the 2-host run from its step-2 checkpoint on 1 host: the data continues at global
     # batch 2 of the same order, so step 3 is the step the others took
     shutil.copytree(tmp_path / 'multi', tmp_path / 'resumed')
     shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '3')
-    resumed = subprocess.run(
-        [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}',
-         f'--workdir={tmp_path / "resumed"}', '--config.train.steps=3',
-         '--config.eval.evaluators=()', '--config.metrics.tensorboard=False', *SAME_DATA],
-        env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
+    resumed = one_host(tmp_path / 'resumed')
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert 'checkpoint written by 2 hosts, resumed on 1' in resumed.stderr
 
