@@ -23,6 +23,7 @@ VARIANTS = {
     'psd second_pass': {'kind': 'psd', 'teacher': 'second_pass'},
     'psd ema': {'kind': 'psd', 'teacher': 'ema'},
     'psd bank': {'kind': 'psd', 'teacher': 'bank'},
+    'psd previous_step': {'kind': 'psd', 'teacher': 'previous_step'},
 }
 BANK_SIZE = 2048  # pairs in the embedding bank (the emoji training set has 1,911)
 
@@ -66,8 +67,12 @@ def main() -> None:
         setup = config_lib.step_setup(config, mesh, dataset_size=BANK_SIZE)
         shardings = step.state_shardings(setup, config.param_sharding)
         keys = ('image', 'text') + (('teacher_image',) if setup.loss.needs_teacher_forward
-                                    else ()) + (('index',) if setup.loss.needs_bank else ())
-        batch = jax.device_put({k: host[k] for k in keys}, sharding.batch_sharding(mesh))
+                                    else ()) + (('index',) if setup.loss.needs_index else ())
+        batch = {k: host[k] for k in keys}
+        if setup.carried:  # the batch repeats its own slots [k, 2k): the teacher is active
+            k = setup.carried
+            batch['index'] = np.concatenate([host['index'][k:2 * k], host['index'][k:]])
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
         fn = step.compile_train_step(setup, shardings, batch)
         state = step.init_state(setup, jax.random.key(0), config.param_sharding)
         for _ in range(2):  # the second step of a bank teacher distils from the first's bank

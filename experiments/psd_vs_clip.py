@@ -12,8 +12,10 @@ Stages (each decides from the finished runs of the one before):
   screen   seed 0, emoji with 40% of captions swapped within their subgroup: CLIP and PSD with
            every teacher source (METHODS).
   grid     seed 0, same condition: the best screened PSD method with one knob changed at a time
-           (alpha_max, subset fraction, teacher temperature).
-  confirm  seeds 0-2: CLIP and the best PSD setting on every condition in CONDITIONS (with
+           (alpha_max, subset fraction, teacher temperature, alpha schedule).
+  shortlist seeds 0-2, same condition: CLIP and the SHORTLIST best PSD settings of the screen
+           and grid; the best mean over the three seeds is the chosen setting.
+  confirm  seeds 0-2: CLIP and the chosen PSD setting on every condition in CONDITIONS (with
            --full: FULL_CONDITIONS, the whole grid of noise kinds and rates).
 Selection score: held-out retrieval, the mean of image->text and text->image R@1 (emoji).
 """
@@ -27,6 +29,8 @@ import pathlib
 import subprocess
 import sys
 import time
+
+from psd_jax import losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'configs' / 'experiments' / 'psd_vs_clip.py'
@@ -48,6 +52,8 @@ METHODS = {
                         'loss.psd.teacher_temperature': 1.0},
     'psd_ema': {'loss.kind': 'psd', 'loss.psd.teacher': 'ema',
                 'loss.psd.teacher_temperature': 1.0, 'loss.psd.ema_momentum': 0.99},
+    'psd_previous_step': {'loss.kind': 'psd', 'loss.psd.teacher': 'previous_step',
+                          'loss.psd.teacher_temperature': 1.0},
 }
 # grid variants: one knob changed from the base (subset 0.5, alpha_max 0.5 linear)
 VARIANTS = {
@@ -55,7 +61,10 @@ VARIANTS = {
     'alpha0.8': {'loss.alpha_max': 0.8},
     'subset1.0': {'loss.psd.subset_fraction': 1.0},
     'temp_x2': 'double',  # teacher temperature doubled
+    'alpha_cosine': {'loss.alpha_schedule': 'cosine'},
+    'alpha_constant': {'loss.alpha_schedule': 'constant'},
 }
+SHORTLIST = 3
 SCREEN_CONDITION = 'emoji_within_group_0.4'
 CONDITIONS = ('emoji_within_group_0.4', 'emoji_clean', 'emoji_shuffle_0.4',
               'fashion_shuffle_0.5', 'fashion_clean')
@@ -81,6 +90,20 @@ def method_overrides(method: str, variant: str = 'base') -> dict:
     else:
         overrides.update(change)
     return overrides
+
+
+def valid(method: str, variant: str) -> bool:
+    """Whether the variant applies to the method (e.g. the previous-step teacher repeats at
+    most half of each batch, so it has no subset fraction 1.0)."""
+    overrides = method_overrides(method, variant)
+    if overrides['loss.kind'] != 'psd':
+        return variant == 'base'
+    psd = {k.split('.')[-1]: v for k, v in overrides.items() if k.startswith('loss.psd.')}
+    try:
+        losses.LossConfig.from_mapping('psd', psd)
+    except ValueError:
+        return False
+    return True
 
 
 def run_name(condition: str, method: str, variant: str, seed: int) -> str:
@@ -113,22 +136,33 @@ def score(result: dict) -> float:
     return 0.5 * (result['eval/retrieval/i2t_R@1'] + result['eval/retrieval/t2i_R@1'])
 
 
-def best(root: pathlib.Path, candidates: list[tuple[str, str]]) -> tuple[str, str]:
-    scores = {c: score(run_one(root, SCREEN_CONDITION, *c, 0)) for c in candidates}
-    return max(scores, key=scores.get)
+def ranked(root: pathlib.Path, candidates: list[tuple[str, str]],
+           seeds=(0,)) -> list[tuple[str, str]]:
+    """Candidates best first by the mean score over `seeds` on the screening condition."""
+    def mean_score(c):
+        return sum(score(run_one(root, SCREEN_CONDITION, *c, s)) for s in seeds) / len(seeds)
+    return sorted(candidates, key=mean_score, reverse=True)
 
 
 def sweep(root: pathlib.Path, full: bool) -> None:
     psd_methods = [m for m in METHODS if m != 'clip']
     for method in METHODS:  # screen
         run_one(root, SCREEN_CONDITION, method, 'base', 0)
-    method, _ = best(root, [(m, 'base') for m in psd_methods])
+    method = ranked(root, [(m, 'base') for m in psd_methods])[0][0]
     print(f'[screen] best teacher: {method}', flush=True)
-    for variant in VARIANTS:  # grid
-        run_one(root, SCREEN_CONDITION, method, variant, 0)
-    chosen = best(root, [(method, v) for v in VARIANTS])
-    print(f'[grid] best setting: {chosen}', flush=True)
-    (root / 'chosen.json').write_text(json.dumps({'method': chosen[0], 'variant': chosen[1]}))
+    grid = [(method, v) for v in VARIANTS if valid(method, v)]
+    for setting in grid:
+        run_one(root, SCREEN_CONDITION, *setting, 0)
+    screened = [(m, 'base') for m in psd_methods] + grid[1:]
+    shortlist = ranked(root, screened)[:SHORTLIST]
+    print(f'[grid] shortlist: {shortlist}', flush=True)
+    for seed in SEEDS:  # shortlist on three seeds
+        for setting in [('clip', 'base')] + shortlist:
+            run_one(root, SCREEN_CONDITION, *setting, seed)
+    chosen = ranked(root, shortlist, SEEDS)[0]
+    print(f'[shortlist] chosen: {chosen}', flush=True)
+    (root / 'chosen.json').write_text(json.dumps({'method': chosen[0], 'variant': chosen[1],
+                                                  'shortlist': shortlist}))
     for seed in SEEDS:  # confirm: seed-major, so an interrupted sweep has every condition
         for condition in (FULL_CONDITIONS if full else CONDITIONS):
             for m, v in (('clip', 'base'), chosen):

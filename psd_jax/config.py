@@ -182,4 +182,5 @@ def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -
                              config.optim.eps, config.optim.grad_clip_norm or None)
     alpha = schedules.alpha_schedule(config.loss.alpha_schedule, config.loss.alpha_max,
                                      config.train.steps, config.loss.alpha_start_step)
-    return step.StepSetup(model, tx, loss, alpha, lr, mesh, dataset_size)
+    return step.StepSetup(model, tx, loss, alpha, lr, mesh, dataset_size,
+                          carried=loss.carried_pairs(config.data.global_batch))

@@ -32,7 +32,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 LOG_MAX_LOGIT_SCALE = math.log(100.0)
 
 LOSS_KINDS = ('clip', 'psd', 'sigmoid')
-TEACHERS = ('same_pass', 'second_pass', 'ema', 'bank')
+TEACHERS = ('same_pass', 'second_pass', 'ema', 'bank', 'previous_step')
 DIAGONAL_MODES = ('keep', 'remove')
 
 
@@ -46,7 +46,10 @@ class LossConfig:
       forward of the same parameters over the subset on the teacher view), 'ema' (the same with
       EMA parameters) or 'bank' (each pair's embeddings from its previous visit, kept in the
       train state: a teacher from an earlier point of training at no added compute; pairs seen
-      for the first time keep one-hot targets).
+      for the first time keep one-hot targets) or 'previous_step' (as DLB: the first
+      round(subset_fraction B) pairs of each batch repeat pairs of the previous batch, and the
+      previous step's embeddings of them are the teacher among them: no added compute;
+      subset_fraction <= 0.5).
     teacher_temperature: teacher softmax temperature relative to the student's (teacher logits
       are the teacher's scaled similarities divided by this).
     teacher_diagonal: 'keep' or 'remove' (drop the matching pair from the teacher distribution and
@@ -73,6 +76,10 @@ class LossConfig:
             raise ValueError(f'psd.teacher_diagonal={self.teacher_diagonal!r} is not known; '
                              f'allowed: {list(DIAGONAL_MODES)}')
         check_fraction(self.subset_fraction)
+        if self.teacher == 'previous_step' and self.subset_fraction > 0.5:
+            raise ValueError(f"psd.subset_fraction={self.subset_fraction}: psd.teacher="
+                             "'previous_step' repeats that fraction of each batch in the next "
+                             "one, which needs a fraction <= 0.5")
         if not self.teacher_temperature > 0:
             raise ValueError(f'psd.teacher_temperature={self.teacher_temperature} must be > 0')
         if not 0.0 <= self.ema_momentum < 1.0:
@@ -98,6 +105,23 @@ class LossConfig:
     def needs_bank(self) -> bool:
         """Whether the train state keeps an embedding bank (and batches carry 'index')."""
         return self.kind == 'psd' and self.teacher == 'bank'
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether batches carry 'index' (dataset positions): the bank and previous-step
+        teachers find a pair's earlier embeddings by it."""
+        return self.kind == 'psd' and self.teacher in ('bank', 'previous_step')
+
+    @property
+    def needs_carry(self) -> bool:
+        """Whether the train state keeps the last step's embeddings of the repeated pairs."""
+        return self.kind == 'psd' and self.teacher == 'previous_step'
+
+    def carried_pairs(self, batch_size: int) -> int:
+        """Pairs of each global batch repeated from the previous one (previous-step teacher)."""
+        if not self.needs_carry:
+            return 0
+        return subset_size(batch_size, self.subset_fraction)
 
     @classmethod
     def from_mapping(cls, kind: str, psd: Mapping[str, Any] | None = None) -> 'LossConfig':

@@ -4,7 +4,7 @@
 `compile_train_step` jits it once with explicit in/out shardings and the state donated.
 batch: {'image': (B, H, W, 3) float, 'text': (B, L) int32, optional 'teacher_image': the
 un-augmented view used by second-pass / EMA teachers (defaults to 'image'), and 'index': (B,)
-int32 dataset positions, required by the embedding-bank teacher}.
+int32 dataset positions, required by the embedding-bank and previous-step teachers}.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ NO_DECAY_LEAVES = ('bias', 'scale', 'logit_scale', 'logit_bias', 'class_embeddin
 class TrainState(struct.PyTreeNode):
     """Everything a step changes. ema_params is None unless the teacher is 'ema'; bank is None
     unless the teacher is 'bank', else {'image': (N, D), 'text': (N, D), 'seen': (N,) bool}:
-    every dataset pair's embeddings from its last visit (replicated: N x D x 8 bytes/device)."""
+    every dataset pair's embeddings from its last visit (replicated: N x D x 8 bytes/device).
+    carry is None unless the teacher is 'previous_step', else {'image': (k, D), 'text': (k, D),
+    'index': (k,) int32 (-1 before the first step), 'logit_scale': ()}: the last step's
+    embeddings of the k pairs the next batch repeats."""
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -39,6 +42,7 @@ class TrainState(struct.PyTreeNode):
     ema_params: Any
     rng: jax.Array
     bank: Any = None
+    carry: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +55,14 @@ class StepSetup:
     lr_fn: Callable
     mesh: Mesh
     bank_size: int = 0  # dataset size N, for the embedding-bank teacher
+    carried: int = 0  # pairs per global batch repeated from the previous (previous-step teacher)
 
     def __post_init__(self):
         if self.loss.needs_bank and self.bank_size <= 0:
             raise ValueError("psd.teacher='bank' needs the dataset size (StepSetup.bank_size) "
                              'to size the embedding bank')
+        if self.carried and not self.loss.needs_carry:
+            raise ValueError("StepSetup.carried is only for psd.teacher='previous_step'")
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -91,13 +98,20 @@ def _create_state(setup: StepSetup, rng: jax.Array) -> TrainState:
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get('batch_stats', {}), opt_state=setup.tx.init(params),
         ema_params=params if setup.loss.teacher == 'ema' and setup.loss.kind == 'psd' else None,
-        rng=state_rng, bank=_empty_bank(setup) if setup.loss.needs_bank else None)
+        rng=state_rng, bank=_empty_bank(setup) if setup.loss.needs_bank else None,
+        carry=_empty_carry(setup) if setup.loss.needs_carry else None)
 
 
 def _empty_bank(setup: StepSetup) -> dict:
     dim = setup.model.image_tower.embed_dim
     zeros = jnp.zeros((setup.bank_size, dim), jnp.float32)
     return {'image': zeros, 'text': zeros, 'seen': jnp.zeros((setup.bank_size,), bool)}
+
+
+def _empty_carry(setup: StepSetup) -> dict:
+    zeros = jnp.zeros((setup.carried, setup.model.image_tower.embed_dim), jnp.float32)
+    return {'image': zeros, 'text': zeros, 'index': jnp.full((setup.carried,), -1, jnp.int32),
+            'logit_scale': jnp.zeros((), jnp.float32)}
 
 
 def state_shardings(setup: StepSetup, strategy: str = 'replicated') -> TrainState:
@@ -115,7 +129,9 @@ def state_shardings(setup: StepSetup, strategy: str = 'replicated') -> TrainStat
                       ema_params=params_sh if abstract.ema_params is not None else None,
                       rng=shd.replicated(mesh),
                       bank=None if abstract.bank is None else jax.tree.map(
-                          lambda _: shd.replicated(mesh), abstract.bank))
+                          lambda _: shd.replicated(mesh), abstract.bank),
+                      carry=None if abstract.carry is None else jax.tree.map(
+                          lambda _: shd.replicated(mesh), abstract.carry))
 
 
 def abstract_state(setup: StepSetup, shardings: TrainState) -> TrainState:
@@ -171,6 +187,32 @@ def _bank_teacher(state: TrainState, batch: dict,
     return teacher, subset & seen
 
 
+def _previous_step_teacher(state: TrainState, batch: dict,
+                           batch_size: int) -> tuple[losses.Teacher, jax.Array]:
+    """The last step's embeddings of the k pairs this batch repeats (its first k slots) as the
+    teacher among them; returns it and the (B,) subset: the first k slots whose dataset index
+    matches the carried one (none at step 0, or if the data does not line up)."""
+    carry = state.carry
+    k = carry['index'].shape[0]
+    mask = jnp.zeros((batch_size,), bool).at[:k].set(batch['index'][:k] == carry['index'])
+
+    def rows(x):
+        return jnp.zeros((batch_size, x.shape[1]), jnp.float32).at[:k].set(x)
+
+    return losses.Teacher(rows(carry['image']), rows(carry['text']), carry['logit_scale'],
+                          mask), mask
+
+
+def _next_carry(carry: dict, batch: dict, out: dict, logit_scale: jax.Array) -> dict:
+    """Keep this step's (stop-gradient) embeddings of slots [k, 2k), which the next batch
+    repeats in its first k slots."""
+    k = carry['index'].shape[0]
+    image, text = (jax.lax.stop_gradient(out[n][k:2 * k]).astype(jnp.float32)
+                   for n in ('image', 'text'))
+    return {'image': image, 'text': text, 'index': batch['index'][k:2 * k],
+            'logit_scale': jax.lax.stop_gradient(logit_scale).astype(jnp.float32)}
+
+
 def _update_bank(bank: dict, index: jax.Array, out: dict) -> dict:
     """Write this step's (stop-gradient) embeddings of the batch's pairs into the bank."""
     image, text = (jax.lax.stop_gradient(out[k]).astype(jnp.float32) for k in ('image', 'text'))
@@ -202,10 +244,16 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
     if setup.loss.kind == 'psd':
         indices = losses.subset_indices(step_rng, batch_size, setup.loss.subset_fraction)
         subset = losses.subset_mask(indices, batch_size)
+        if setup.loss.needs_index and 'index' not in batch:
+            raise ValueError(f'psd.teacher={setup.loss.teacher!r} needs batch[\'index\'] '
+                             '(dataset positions)')
         if setup.loss.needs_bank:
-            if 'index' not in batch:
-                raise ValueError("psd.teacher='bank' needs batch['index'] (dataset positions)")
             teacher, subset = _bank_teacher(state, batch, subset)
+        elif state.carry is not None:
+            if setup.carried != setup.loss.carried_pairs(batch_size):
+                raise ValueError(f'StepSetup.carried={setup.carried}, but a global batch of '
+                                 f'{batch_size} repeats {setup.loss.carried_pairs(batch_size)}')
+            teacher, subset = _previous_step_teacher(state, batch, batch_size)
         else:
             teacher = _teacher(setup, state, batch, indices, batch_size)
     has_bn = bool(state.batch_stats)
@@ -221,7 +269,8 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
         loss, parts = compute_loss(setup, out, teacher, subset, alpha)
         return loss, (parts, mutated, {'image': out['image'], 'text': out['text']})
 
-    (loss, (parts, mutated, embeddings)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (parts, mutated, embeddings)), grads = grad_fn(state.params)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0,
@@ -233,7 +282,9 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=mutated.get('batch_stats', state.batch_stats),
                               ema_params=ema, bank=None if state.bank is None else
-                              _update_bank(state.bank, batch['index'], embeddings))
+                              _update_bank(state.bank, batch['index'], embeddings),
+                              carry=None if state.carry is None else _next_carry(
+                                  state.carry, batch, embeddings, state.params['logit_scale']))
     metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
                'grad_norm': optax.tree.norm(grads),
                'logit_scale': jnp.exp(jnp.minimum(params['logit_scale'], LOG_MAX_LOGIT_SCALE))}

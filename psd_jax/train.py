@@ -77,16 +77,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.data.caption_noise:
         source = noisy_captions(config, source)
     setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
-    if setup.loss.needs_bank:
+    if setup.loss.needs_index:
         source = pipeline.WithIndex(source)
     def training_data(start_batch: int = 0):
         return iter(pipeline.make_loader(
             source, global_batch=config.data.global_batch, image_size=config.model.image_size,
             tokenizer=tokenizer, context_length=config.model.context_length, train=True,
             seed=config.seed, worker_count=config.data.workers,
-            keep=('index',) if setup.loss.needs_bank else (),
+            keep=('index',) if setup.loss.needs_index else (),
             teacher_view=setup.loss.needs_teacher_forward,
-            crop_scale=tuple(config.data.crop_scale), start_batch=start_batch))
+            crop_scale=tuple(config.data.crop_scale), start_batch=start_batch,
+            carried=setup.carried))
 
     iterator = training_data()
 
@@ -96,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'text': jax.ShapeDtypeStruct((b, config.model.context_length), np.int32)}
     if setup.loss.needs_teacher_forward:
         example['teacher_image'] = example['image']
-    if setup.loss.needs_bank:
+    if setup.loss.needs_index:
         example['index'] = jax.ShapeDtypeStruct((b,), np.int32)
     train_step = step.compile_train_step(setup, shardings, example)
     memory = train_step.memory_analysis()

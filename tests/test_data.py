@@ -261,3 +261,39 @@ def test_fetch_without_npm_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch.shutil, 'which', lambda name: None)
     with pytest.raises(RuntimeError, match=r'npm was not found.*npm pack emoji-datasource-google'):
         fetch.emoji_sources(tmp_path)
+
+
+def test_carried_slots_repeat_the_previous_batch():
+    """carried=k (previous-step teacher): the first k slots of batch s > 0 hold the records of
+    slots [k, 2k) of batch s - 1 with a fresh augmentation RNG; the other slots walk one seeded
+    order (every record once per epoch), and the batches are the same for any host count."""
+    n, batch, k = 50, 12, 4
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    one = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, carried=k)
+    steps = 30
+    keys = np.array([[one[s * batch + i].record_key for i in range(batch)] for s in range(steps)])
+    draws = np.array([[one[s * batch + i].rng.integers(2**62) for i in range(batch)]
+                      for s in range(steps)])
+    np.testing.assert_array_equal(keys[1:, :k], keys[:-1, k:2 * k])
+    assert not np.any(draws[1:, :k] == draws[:-1, k:2 * k])  # a new crop for the repeat
+    stream = np.concatenate([keys[0]] + [row[k:] for row in keys[1:]])
+    assert sorted(stream[:n]) == list(range(n)) == sorted(stream[n:2 * n])
+    halves = [pipeline.GlobalBatchSampler(n, batch, seed, host=h, hosts=2, carried=k)
+              for h in range(2)]
+    b = batch // 2
+    for s in range(steps):
+        assert [halves[h][s * b + i].record_key for h in range(2) for i in range(b)] == \
+            keys[s].tolist()
+    resumed = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, carried=k,
+                                          start_batch=7)
+    assert [resumed[i].record_key for i in range(batch)] == keys[7].tolist()
+    with pytest.raises(ValueError, match='half the global batch'):
+        pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, carried=7)
+
+
+def test_subset_source_reads_only_the_chosen_records():
+    records = [{'x': i} for i in range(10)]
+    sub = pipeline.Subset(records, [7, 2, 5])
+    assert len(sub) == 3 and [sub[i]['x'] for i in range(3)] == [7, 2, 5]
+    with pytest.raises(ValueError, match=r'in \[0, 10\)'):
+        pipeline.Subset(records, [3, 10])

@@ -76,3 +76,40 @@ def test_conditions_and_overrides():
         'data.caption_noise_kind'] == 'shuffle'
     doubled = psd_vs_clip.method_overrides('psd_same_pass', 'temp_x2')
     assert doubled['loss.psd.teacher_temperature'] == 4.0
+
+
+def test_sweep_screens_grids_shortlists_then_confirms(tmp_path, monkeypatch):
+    """The sweep's stages on fake runs: the screen picks the best teacher, the grid changes one
+    knob of it (skipping variants that do not apply), the shortlist reruns the best few on three
+    seeds and the best mean wins, and the confirmation runs CLIP and the winner everywhere."""
+    rng = np.random.default_rng()
+    settings = [(m, 'base') for m in psd_vs_clip.METHODS] + [
+        ('psd_previous_step', v) for v in psd_vs_clip.VARIANTS]
+    seed0 = dict(zip(settings, rng.permutation(len(settings)) / 100))
+    seed0[('psd_previous_step', 'base')] = 1.0  # the best teacher on the screen
+    seed0[('psd_previous_step', 'alpha0.8')] = 0.9  # second on seed 0 ...
+    seed0[('psd_previous_step', 'temp_x2')] = 0.85
+    later = {('psd_previous_step', 'temp_x2'): 0.95}  # ... but this one wins over three seeds
+    calls = []
+
+    def fake_run_one(root, condition, method, variant, seed):
+        calls.append((condition, method, variant, seed))
+        s = seed0.get((method, variant), 0.0) if seed == 0 else later.get((method, variant),
+                                                                          0.5)
+        return {'eval/retrieval/i2t_R@1': s, 'eval/retrieval/t2i_R@1': s}
+
+    monkeypatch.setattr(psd_vs_clip, 'run_one', fake_run_one)
+    psd_vs_clip.sweep(tmp_path, full=False)
+    chosen = json.loads((tmp_path / 'chosen.json').read_text())
+    assert (chosen['method'], chosen['variant']) == ('psd_previous_step', 'temp_x2')
+    assert [tuple(x) for x in chosen['shortlist']] == [  # the best three of seed 0
+        ('psd_previous_step', 'base'), ('psd_previous_step', 'alpha0.8'),
+        ('psd_previous_step', 'temp_x2')]
+    ran = set(calls)
+    assert ('emoji_within_group_0.4', 'psd_previous_step', 'subset1.0', 0) not in ran
+    assert not psd_vs_clip.valid('psd_previous_step', 'subset1.0')
+    for condition in psd_vs_clip.CONDITIONS:
+        for seed in psd_vs_clip.SEEDS:
+            assert (condition, 'clip', 'base', seed) in ran
+            assert (condition, 'psd_previous_step', 'temp_x2', seed) in ran
+    assert ('emoji_clean', 'psd_previous_step', 'alpha0.8', 1) not in ran

@@ -184,3 +184,69 @@ def test_bank_teacher_distils_from_each_pairs_last_visit(devices):
     assert m2['loss'] != pytest.approx(m2['clip'], rel=1e-4)  # the teacher changed the loss
     np.testing.assert_array_equal(jax.device_get(state.bank['seen']),
                                   np.arange(n_pairs) < B + B // 2)
+
+
+def test_previous_step_teacher_distils_among_the_repeated_pairs(devices):
+    """psd.teacher='previous_step' (DLB): the first k = B/4 pairs of a batch repeat slots
+    [k, 2k) of the previous batch, and the previous step's embeddings (and scale) of them are
+    the teacher among them. Step 1 has nothing carried (plain CLIP); step 2 equals psd_loss
+    given that teacher explicitly (embeddings from an independent forward with step 1's
+    parameters); step 3's carried slots do not match the kept indices, so it is plain CLIP."""
+    k = B // 4
+    loss = losses.LossConfig(teacher='previous_step', subset_fraction=0.25,
+                             teacher_temperature=1.0)
+    mesh = sharding.make_mesh({'data': 8}, devices)
+    lr = schedules.warmup_cosine(1e-3, total_steps=10, warmup_steps=1)
+    setup = step.StepSetup(build_model('tiny'), step.make_optimizer(lr), loss,
+                           schedules.alpha_schedule('constant', 0.5, 10), lr, mesh,
+                           carried=loss.carried_pairs(B))
+    assert setup.carried == k
+    shardings = step.state_shardings(setup)
+    state = step.init_state(setup, jax.random.key(5))
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    first, second, third = batches(seed)
+    first['index'] = np.arange(100, 100 + B, dtype=np.int32)
+    second['index'] = np.concatenate([first['index'][k:2 * k],
+                                      np.arange(200, 200 + B - k)]).astype(np.int32)
+    third['index'] = np.arange(300, 300 + B, dtype=np.int32)
+    fn = step.compile_train_step(setup, shardings, first)
+    put = lambda b: jax.device_put(b, sharding.batch_sharding(mesh))  # noqa: E731
+
+    params0 = jax.device_get(state.params)
+    out0 = jax.device_get(setup.model.apply({'params': params0}, first['image'], first['text']))
+    state, m1 = fn(state, put(first))
+    m1 = jax.device_get(m1)
+    assert m1['subset_size'] == 0 and m1['distill'] == 0
+    np.testing.assert_allclose(m1['loss'], m1['clip'], rtol=1e-6)
+    carry = jax.device_get(state.carry)
+    np.testing.assert_array_equal(carry['index'], first['index'][k:2 * k])
+    np.testing.assert_allclose(carry['image'], out0['image'][k:2 * k], atol=2e-6)
+    np.testing.assert_allclose(carry['text'], out0['text'][k:2 * k], atol=2e-6)
+    assert float(carry['logit_scale']) == pytest.approx(float(params0['logit_scale']))
+
+    params1 = jax.device_get(state.params)
+    mask = np.arange(B) < k
+    rows = lambda x: np.concatenate([x[k:2 * k], np.zeros((B - k, x.shape[1]))])  # noqa: E731
+    teacher = losses.Teacher(rows(out0['image']).astype(np.float32),
+                             rows(out0['text']).astype(np.float32), params0['logit_scale'], mask)
+    out1 = setup.model.apply({'params': params1}, second['image'], second['text'])
+    want, parts = losses.psd_loss(out1['image'], out1['text'], out1['logit_scale'], mesh=mesh,
+                                  subset=mask, alpha=0.5, teacher=teacher)
+    state, m2 = fn(state, put(second))
+    m2 = jax.device_get(m2)
+    assert m2['subset_size'] == k
+    np.testing.assert_allclose(m2['loss'], want, rtol=1e-5)
+    np.testing.assert_allclose(m2['distill'], parts['distill'], rtol=1e-5)
+    assert m2['loss'] != pytest.approx(m2['clip'], rel=1e-4)  # the teacher changed the loss
+
+    state, m3 = fn(state, put(third))
+    m3 = jax.device_get(m3)
+    assert m3['subset_size'] == 0
+    np.testing.assert_allclose(m3['loss'], m3['clip'], rtol=1e-6)
+
+    with pytest.raises(ValueError, match='fraction <= 0.5'):
+        losses.LossConfig(teacher='previous_step', subset_fraction=0.75)
+    with pytest.raises(ValueError, match='repeats 4'):
+        step.compile_train_step(dataclasses.replace(setup, carried=3), shardings, first)
+    with pytest.raises(ValueError, match="needs batch\\['index'\\]"):
+        step.compile_train_step(setup, shardings, {k: first[k] for k in ('image', 'text')})

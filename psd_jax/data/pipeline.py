@@ -143,6 +143,23 @@ class WithIndex(grain.RandomAccessDataSource):
         return {**self.source[index], 'index': np.int32(index)}
 
 
+class Subset(grain.RandomAccessDataSource):
+    """The records of `source` at `indices` (in that order): a sample of a split to evaluate
+    without reading the rest (e.g. the linear probe's training images)."""
+
+    def __init__(self, source: Any, indices: Sequence[int]):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        if self.indices.ndim != 1 or (self.indices.size and not (
+                0 <= self.indices.min() and self.indices.max() < len(source))):
+            raise ValueError(f'subset indices must be a 1-d array in [0, {len(source)})')
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.indices[index])]
+
+
 @dataclasses.dataclass
 class Preprocess(grain.RandomMapTransform):
     """Decoded tfds record -> {'image': float32 (S, S, 3), 'text': int32 (L,), ...labels}."""
@@ -183,11 +200,17 @@ class GlobalBatchSampler:
     position. So the global batches, and the augmentations in them, are the same for any number
     of hosts: a run on 1 host and on 8 sees the same data in the same order. Shuffled anew every
     epoch (grain's IndexSampler over all records, no per-host shards).
+
+    carried > 0 (the previous-step teacher, psd.teacher='previous_step'): the first `carried`
+    slots of global batch s > 0 repeat slots [carried, 2 carried) of batch s - 1, so those pairs
+    are seen in two consecutive steps; the order then advances B - carried records per batch
+    (batch 0 reads B). Augmentations are keyed by the global slot, so a carried pair gets a
+    fresh crop. Needs carried <= B / 2.
     """
 
     def __init__(self, num_records: int, global_batch: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, host: int | None = None,
-                 hosts: int | None = None, start_batch: int = 0):
+                 hosts: int | None = None, start_batch: int = 0, carried: int = 0):
         self.hosts = jax.process_count() if hosts is None else hosts
         self.host = jax.process_index() if host is None else host
         if global_batch % self.hosts:
@@ -197,19 +220,32 @@ class GlobalBatchSampler:
             raise ValueError(f'host {self.host} is not in [0, {self.hosts})')
         self.global_batch, self.host_batch = global_batch, global_batch // self.hosts
         self.start_batch = start_batch  # local index 0 is global batch `start_batch`
+        if not 0 <= 2 * carried <= global_batch:
+            raise ValueError(f'{carried} carried pairs per batch: need 0 <= carried <= half the '
+                             f'global batch ({global_batch})')
+        self.carried, self.seed = carried, seed
         self.order = grain.IndexSampler(num_records=num_records, shard_options=grain.NoSharding(),
                                         shuffle=shuffle, num_epochs=num_epochs, seed=seed)
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         step, offset = divmod(index, self.host_batch)
         step += self.start_batch
-        position = step * self.global_batch + self.host * self.host_batch + offset
-        record = self.order[position]
-        return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+        slot = self.host * self.host_batch + offset
+        if not self.carried:
+            record = self.order[step * self.global_batch + slot]
+            return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+        k, advance = self.carried, self.global_batch - self.carried
+        position = step * advance + slot
+        if step > 0 and slot < k:  # slot k + slot of the previous batch
+            position = (step - 1) * advance + k + slot
+        rng = np.random.Generator(np.random.Philox(key=self.seed + step * self.global_batch + slot))
+        return grain.RecordMetadata(index=index, record_key=self.order[position].record_key,
+                                    rng=rng)
 
     def __repr__(self) -> str:  # grain checks the sampler's repr when a state is restored
         return (f'GlobalBatchSampler(global_batch={self.global_batch}, host={self.host}, '
-                f'hosts={self.hosts}, start_batch={self.start_batch}, order={self.order!r})')
+                f'hosts={self.hosts}, start_batch={self.start_batch}, carried={self.carried}, '
+                f'order={self.order!r})')
 
 
 def per_host_batch(global_batch: int) -> int:
@@ -225,12 +261,13 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
                 worker_count: int = 0, keep: Sequence[str] = ('label',),
                 drop_remainder: bool = True, teacher_view: bool = False,
                 crop_scale: tuple[float, float] = (0.9, 1.0),
-                start_batch: int = 0) -> grain.DataLoader:
+                start_batch: int = 0, carried: int = 0) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
 
     Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`; each
     host reads its slice of every global batch (`GlobalBatchSampler`: the same global batches
-    for any number of hosts). Evaluation (`train=False`): in order, one epoch, the records split
+    for any number of hosts), with `carried` pairs of each batch repeated from the previous one.
+    Evaluation (`train=False`): in order, one epoch, the records split
     into one contiguous shard per host. Yields this host's batches.
     """
     if len(source) == 0:
@@ -239,7 +276,7 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside an absl app
     if train:  # the sampler picks this host's records itself
         sampler = GlobalBatchSampler(len(source), global_batch, seed, num_epochs=num_epochs,
-                                     start_batch=start_batch)
+                                     start_batch=start_batch, carried=carried)
         shard_options = grain.NoSharding()
     else:
         sampler = grain.IndexSampler(

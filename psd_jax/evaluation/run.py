@@ -19,15 +19,20 @@ import numpy as np
 
 from psd_jax.data import classnames
 from psd_jax.data.from_config import eval_loader, open_split
+from psd_jax.data.pipeline import Subset
 from psd_jax.evaluation.embed import embed_batches
 from psd_jax.evaluation.linear_probe import linear_probe
 from psd_jax.evaluation.retrieval import retrieval_metrics
 from psd_jax.evaluation.zero_shot import class_embeddings, zero_shot_metrics
 
 
-def _embedded_split(config, model, variables, mesh, tokenizer, split, **dataset):
-    """Embeddings (and labels, caption ids) of a whole split, gathered from every host."""
+def _embedded_split(config, model, variables, mesh, tokenizer, split, sample=None, **dataset):
+    """Embeddings (and labels, caption ids) of a whole split, gathered from every host; with
+    `sample` (an int n), of n of its records drawn by a fixed seed (only those are read)."""
     source = open_split(config, split, **dataset)
+    if sample:
+        chosen = np.random.default_rng(0).permutation(len(source))[:sample]
+        source = Subset(source, chosen)
     per_host = math.ceil(len(source) / jax.process_count())
     return embed_batches(model, variables, eval_loader(config, source, tokenizer), mesh,
                          config.eval.batch, num_batches=math.ceil(per_host / config.eval.batch))
@@ -53,12 +58,10 @@ def zero_shot(config, model, variables, mesh, tokenizer) -> dict[str, float]:
 
 def probe(config, model, variables, mesh, tokenizer) -> dict[str, float]:
     dataset = {'dataset': config.eval.probe_dataset, 'builder_config': ''}
-    train = _embedded_split(config, model, variables, mesh, tokenizer, 'train', **dataset)
+    train = _embedded_split(config, model, variables, mesh, tokenizer, 'train',
+                            sample=config.eval.probe_examples, **dataset)
     test = _embedded_split(config, model, variables, mesh, tokenizer, 'test', **dataset)
-    n = config.eval.probe_examples or len(train['image'])
-    order = np.random.default_rng(0).permutation(len(train['image']))[:n]
-    result = linear_probe(train['image'][order], train['label'][order], test['image'],
-                          test['label'])
+    result = linear_probe(train['image'], train['label'], test['image'], test['label'])
     return {'accuracy': result['accuracy'], 'l2': result['l2']}
 
 
