@@ -2,11 +2,16 @@
 
     python experiments/psd_vs_clip.py run [--root ~/.cache/psd_jax/experiments/psd_vs_clip]
     python experiments/psd_vs_clip.py report      # docs/results/psd_vs_clip.md + PNGs
+    python experiments/psd_vs_clip.py check RUN [RUN ...]   # rerun finished runs from scratch
 
 Every run is `python -m psd_jax.main --config configs/experiments/psd_vs_clip.py:<dataset>`
 with overrides, in its own workdir under --root; a run whose workdir holds final_metrics.json
 is skipped, an interrupted one resumes from its checkpoint, so `run` continues a stopped sweep.
 All runs have the same steps, batch and model (the same compute, up to the teacher's own cost).
+Because finished runs are reused, a report can combine runs of several invocations (and code
+versions that left those runs' programs unchanged); `check` reruns named runs from scratch under
+--root/reproduced and records how far their final metrics are from the stored ones, and the
+report lists that.
 
 Stages (each decides from the finished runs of the one before):
   screen   seed 0, emoji with 40% of captions swapped within their subgroup: CLIP and PSD with
@@ -169,15 +174,45 @@ def sweep(root: pathlib.Path, full: bool) -> None:
                 run_one(root, condition, m, v, seed)
 
 
+def check(root: pathlib.Path, names: list[str]) -> list[dict]:
+    """Rerun finished runs (names like 'emoji_clean/clip-base/seed0') from an empty workdir and
+    compare every eval/ metric with the stored result; appends to root/reproduced.json."""
+    out = root / 'reproduced.json'
+    records = json.loads(out.read_text()) if out.exists() else []
+    for name in names:
+        condition, setting, seed = name.strip('/').split('/')
+        method, _, variant = setting.partition('-')
+        stored_file = root / name / 'final_metrics.json'
+        if not stored_file.exists():
+            raise FileNotFoundError(f'{stored_file}: {name} has not finished; nothing to check')
+        stored = json.loads(stored_file.read_text())
+        again = run_one(root / 'reproduced' / time.strftime('%Y%m%d-%H%M%S'), condition, method,
+                        variant, int(seed.removeprefix('seed')))
+        diffs = {k: abs(again[k] - v) for k, v in stored.items() if k.startswith('eval/')}
+        worst = max(diffs, key=diffs.get)
+        records.append({'run': name, 'metrics': len(diffs), 'max_abs_diff': diffs[worst],
+                        'worst_metric': worst, 'stored_at': time.strftime(
+                            '%Y-%m-%d %H:%M', time.gmtime(stored_file.stat().st_mtime)),
+                        'rerun_at': time.strftime('%Y-%m-%d %H:%M', time.gmtime())})
+        print(f'[check] {name}: {len(diffs)} metrics, max |diff| {diffs[worst]:.2g} ({worst})',
+              flush=True)
+    out.write_text(json.dumps(records, indent=1))
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('command', choices=('run', 'report'))
+    parser.add_argument('command', choices=('run', 'report', 'check'))
+    parser.add_argument('runs', nargs='*', help="check: runs to redo, e.g. "
+                        "'emoji_clean/clip-base/seed0'")
     parser.add_argument('--root', type=pathlib.Path, default=DEFAULT_ROOT,
                         help='where the runs live (outside the repository)')
     parser.add_argument('--full', action='store_true', help='confirm on FULL_CONDITIONS')
     parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'docs' / 'results')
     args = parser.parse_args()
-    if args.command == 'run':
+    if args.command == 'check':
+        check(args.root, args.runs)
+    elif args.command == 'run':
         start = time.time()
         sweep(args.root, args.full)
         print(f'sweep finished in {(time.time() - start) / 60:.1f} min', flush=True)

@@ -101,6 +101,23 @@ def confirm_table(runs: list[dict], chosen: tuple[str, str], conditions) -> list
     return lines
 
 
+def shortlist_table(runs: list[dict], shortlist: list[tuple[str, str]]) -> list[str]:
+    """The shortlist on three seeds at the screening condition: score mean +- std and the
+    paired difference to CLIP."""
+    def scores(key):
+        return {r['seed']: score(r['metrics']) for r in runs if r['condition'] ==
+                SCREEN_CONDITION and (r['method'], r['variant']) == key}
+    clip = scores(('clip', 'base'))
+    lines = ['| method | setting | R@1 mean (both directions) | PSD - CLIP [95% CI] | seeds |',
+             '|---|---|---|---|---|', f'| clip | base | {mean_std(list(clip.values()))} | | '
+             f'{len(clip)} |']
+    for key in shortlist:
+        psd = scores(key)
+        lines.append(f'| {key[0]} | {key[1]} | {mean_std(list(psd.values()))} | '
+                     f'{paired_difference(psd, clip)} | {len(psd)} |')
+    return lines
+
+
 def verdict(table: list[str]) -> str:
     """A plain sentence on how many of the confirmation's intervals exclude zero."""
     above = below = total = 0
@@ -158,20 +175,41 @@ def plot_noise(runs: list[dict], chosen: tuple[str, str], out: pathlib.Path) -> 
 
 
 def plot_alpha(runs: list[dict], chosen: tuple[str, str], out: pathlib.Path) -> None:
+    """a (the teacher's weight) against the step, as logged, for every schedule the grid tried."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    run = next(r for r in runs if (r['method'], r['variant']) == chosen)
-    steps, alphas = zip(*run['alpha'])
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(steps, alphas, marker='.')
+    shown = set()
+    for r in runs:
+        key = (r['method'], r['variant'])
+        if r['method'] != chosen[0] or key in shown or not r['alpha'] or r['seed'] != 0:
+            continue
+        shown.add(key)
+        steps, alphas = zip(*r['alpha'])
+        ax.plot(steps, alphas, marker='.', linewidth=2.5 if key == chosen else 1,
+                label=f"{r['variant']}{' (chosen)' if key == chosen else ''}")
     ax.set_xlabel('step')
     ax.set_ylabel('a (weight of the teacher)')
-    ax.set_title(f'a schedule of {chosen[0]} ({chosen[1]})')
+    ax.set_title(f'a schedules tried with {chosen[0]}')
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / 'psd_vs_clip_alpha.png', dpi=120)
     plt.close(fig)
+
+
+def reproduced_lines(root: pathlib.Path) -> list[str]:
+    """The `check` reruns: each named run redone from scratch vs its stored metrics."""
+    path = root / 'reproduced.json'
+    if not path.exists():
+        return ['(no run was rechecked: `python experiments/psd_vs_clip.py check RUN ...`)']
+    lines = ['| run | stored | rerun | eval metrics | max abs difference |',
+             '|---|---|---|---|---|']
+    for r in json.loads(path.read_text()):
+        lines.append(f"| {r['run']} | {r['stored_at']} | {r['rerun_at']} | {r['metrics']} | "
+                     f"{r['max_abs_diff']:.2g} ({r['worst_metric']}) |")
+    return lines
 
 
 def step_time_lines(root_dir: pathlib.Path) -> list[str]:
@@ -194,7 +232,9 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
     chosen_file = root / 'chosen.json'
     if not chosen_file.exists():
         raise FileNotFoundError(f'{chosen_file} is missing: the sweep has not finished its grid')
-    chosen = tuple(json.loads(chosen_file.read_text()).values())
+    chosen_json = json.loads(chosen_file.read_text())
+    chosen = (chosen_json['method'], chosen_json['variant'])
+    shortlist = [tuple(x) for x in chosen_json.get('shortlist', [chosen])]
     out.mkdir(parents=True, exist_ok=True)
     conditions = [c for c in FULL_CONDITIONS + CONDITIONS if any(
         r['condition'] == c for r in runs)]
@@ -204,7 +244,7 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
     text = [
         '# PSD vs CLIP under caption noise',
         '',
-        'Produced by `python experiments/psd_vs_clip.py run` then `... report` '
+        'Produced by `python experiments/psd_vs_clip.py run --full` then `... report` '
         f'({len(runs)} runs, {wall:.0f} min of training and evaluation on a 2-core CPU, '
         'summed over runs). Numbers are percentages. Every run: the tiny ViT + text tower, '
         '300 steps of batch 128 (configs/experiments/psd_vs_clip.py).',
@@ -213,11 +253,18 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
         '', *screen_table([r for r in runs if r['variant'] == 'base'], SCREEN_CONDITION), '',
         f'## Grid around the best teacher (seed 0, {SCREEN_CONDITION})',
         '', *screen_table([r for r in runs if r['method'] == chosen[0]], SCREEN_CONDITION), '',
-        f'Chosen: **{chosen[0]} ({chosen[1]})**.', '',
+        f'## Shortlist: the best {len(shortlist)} settings of the screen and grid on three '
+        f'seeds ({SCREEN_CONDITION})', '', *shortlist_table(runs, shortlist), '',
+        f'Chosen (best mean over the seeds): **{chosen[0]} ({chosen[1]})**.', '',
         '## Confirmation: CLIP vs the chosen PSD setting over seeds', '',
         verdict(table), '', *table, '',
         '![metric vs noise](psd_vs_clip_noise.png)', '',
         '![a schedule](psd_vs_clip_alpha.png)', '',
+        '## Reproducibility', '',
+        'The sweep reuses finished runs, so the runs above come from more than one invocation. '
+        'These were rerun from an empty workdir with the committed code '
+        '(`python experiments/psd_vs_clip.py check RUN ...`); differences of metrics that are fractions:', '',
+        *reproduced_lines(root), '',
         '## Step time', '', *step_time_lines(pathlib.Path(__file__).resolve().parents[1]), '',
         '## What was compared', '',
         '- `clip`: the CLIP loss. Every PSD method: soft targets on a random half of each batch, '
@@ -231,15 +278,18 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
         '- `psd_second_pass`: a stop-gradient forward of the current parameters over the subset '
         'on the un-augmented view.',
         '- `psd_ema`: the same forward with EMA parameters (momentum 0.99; ALBEF-style).',
+        '- `psd_previous_step`: DLB-style, no added compute: the first half of each batch '
+        'repeats half of the previous batch (fresh crops), and the previous step\'s embeddings '
+        'of those pairs are the teacher among them (the subset is those pairs, not random).',
         '- Grid (one knob at a time around the best screened teacher): alpha_max 0.8, subset '
-        'fraction 1.0, teacher temperature doubled.',
+        'fraction 1.0, teacher temperature doubled, a schedule cosine or constant instead of '
+        'linear (plot below).',
         '- Noise: `shuffle` gives a chosen caption another random record\'s caption; '
         '`within_group` swaps captions among records of the same emoji subgroup (plausible '
         'captions of related images, the many-to-many noise of web data); `group_name` (in '
         '`--full`) replaces captions by the subgroup\'s name. Fashion-MNIST captions are '
         '\'a photo of a {class}.\'; shuffling half of them gives about 45% wrong labels.',
-        '- Not built: a previous-step-overlap teacher (DLB-style), which needs batches that '
-        'repeat part of the previous one.', '',
+        '',
         'Per-run s/step in the tables above is the logged wall time per step including the '
         'input pipeline.', '']
     (out / 'psd_vs_clip.md').write_text('\n'.join(text))

@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.loss = C()
     config.loss.kind = 'psd'  # clip | psd | sigmoid
+    # teacher: same_pass | second_pass | ema | bank | previous_step (see losses.LossConfig)
     config.loss.psd = C({'subset_fraction': 0.5, 'teacher': 'same_pass',
                          'teacher_temperature': 2.0, 'teacher_diagonal': 'keep',
                          'ema_momentum': 0.995, 'allow_degenerate': False})

@@ -57,6 +57,9 @@ def test_report_pairs_seeds_and_writes_tables_and_plots(tmp_path):
     row = next(line for line in text.splitlines()
                if line.startswith(f'| {condition} | retrieval R@1 (mean of both)'))
     assert want in row and row.endswith('| 3 |'), (row, want)
+    shortlisted = next(line for line in text.splitlines() if line.startswith('| psd_bank | base')
+                       and line.endswith('| 3 |'))
+    assert want in shortlisted, (shortlisted, want)
     for method in psd_vs_clip.METHODS:
         assert f'| {method} | base |' in text
     assert (tmp_path / 'out' / 'psd_vs_clip_noise.png').stat().st_size > 0

@@ -66,8 +66,10 @@ def wait_for(proc, predicate, timeout=240):
         time.sleep(0.2)
 
 
-def restored_params(workdir, mesh_axes, devices, strategy='replicated'):
+def restored_params(workdir, mesh_axes, devices, strategy='replicated', teacher=None):
     config = _tiny_config()
+    if teacher:
+        config.loss.psd.teacher = teacher
     setup = config_lib.step_setup(config, sharding.make_mesh(mesh_axes, devices))
     shardings = step.state_shardings(setup, strategy)
     ckpt = checkpointing.Checkpointer(workdir, asynchronous=False)
@@ -94,7 +96,9 @@ def losses_by_step(workdir):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, devices):
-    steps = ['--config.train.steps=8']
+    """With the previous-step teacher, whose state (the carried embeddings) and data order (each
+    batch repeats part of the last) both have to survive the kill."""
+    steps = ['--config.train.steps=8', '--config.loss.psd.teacher=previous_step']
     straight = run(tmp_path / 'straight', *steps)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -109,16 +113,21 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, devices):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'resumed from step' in resumed.stderr
 
-    a, at_a = restored_params(tmp_path / 'straight', {'data': 8}, devices)
-    b, at_b = restored_params(interrupted, {'data': 8}, devices)
+    a, at_a = restored_params(tmp_path / 'straight', {'data': 8}, devices,
+                              teacher='previous_step')
+    b, at_b = restored_params(interrupted, {'data': 8}, devices, teacher='previous_step')
     assert at_a == at_b == 8
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)  # bit-exact: same program, same data, same order
     la, lb = losses_by_step(tmp_path / 'straight'), losses_by_step(interrupted)
     assert la[8] == lb[8] and la[6] == lb[6]  # the resumed run saw the same batches
+    records = [json.loads(x) for x in (interrupted / 'metrics.jsonl').read_text().splitlines()]
+    carried = {r['step']: r['subset_size'] for r in records if 'subset_size' in r}
+    assert carried and all(v == 16 for k, v in carried.items() if k > 1), carried
 
     # the same checkpoint restored onto 4 devices, parameters FSDP-sharded, is the same state
-    c, _ = restored_params(interrupted, {'data': 2, 'fsdp': 2}, devices[:4], 'fsdp')
+    c, _ = restored_params(interrupted, {'data': 2, 'fsdp': 2}, devices[:4], 'fsdp',
+                           teacher='previous_step')
     for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(c)):
         np.testing.assert_array_equal(x, y)
 
