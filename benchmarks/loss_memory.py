@@ -5,7 +5,8 @@ compiled, not run, on 8 devices with the all_gather scheme, and on one device, w
 B x B similarity matrix lives in one place (what a replicated loss needs on every device).
 Reports XLA's `memory_analysis().temp_size_in_bytes`. On a CPU host the 8 devices are emulated.
 
-    python benchmarks/loss_memory.py [--batches 1024 4096 16384] [--out benchmarks/results/loss_memory.json]
+    python benchmarks/loss_memory.py [--batches 1024 4096 16384]
+                                     [--out benchmarks/results/loss_memory.json]
 """
 
 from __future__ import annotations

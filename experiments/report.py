@@ -263,7 +263,8 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
         '## Reproducibility', '',
         'The sweep reuses finished runs, so the runs above come from more than one invocation. '
         'These were rerun from an empty workdir with the committed code '
-        '(`python experiments/psd_vs_clip.py check RUN ...`); differences of metrics that are fractions:', '',
+        '(`python experiments/psd_vs_clip.py check RUN ...`); differences of metrics that are '
+        'fractions:', '',
         *reproduced_lines(root), '',
         '## Step time', '', *step_time_lines(pathlib.Path(__file__).resolve().parents[1]), '',
         '## What was compared', '',

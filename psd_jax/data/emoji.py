@@ -88,7 +88,8 @@ class Emoji(tfds.core.GeneratorBasedBuilder):
             [], [], [])
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'),
+                'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+                                             encoding_format='png'),
                 'caption': tfds.features.Text(),
                 'key': tfds.features.Text(),
                 'label': tfds.features.ClassLabel(names=groups or ['unknown']),
