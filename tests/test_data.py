@@ -297,3 +297,17 @@ def test_subset_source_reads_only_the_chosen_records():
     assert len(sub) == 3 and [sub[i]['x'] for i in range(3)] == [7, 2, 5]
     with pytest.raises(ValueError, match=r'in \[0, 10\)'):
         pipeline.Subset(records, [3, 10])
+
+
+def test_wrapped_sources_have_stable_reprs():
+    """grain refuses to restore an iterator whose data source's repr changed, so the wrappers'
+    reprs must name their configuration, not an object address (else no run resumes)."""
+    records = [{'caption': f'caption {i}', 'x': i} for i in range(20)]
+
+    def build(seed):
+        return pipeline.WithIndex(pipeline.CaptionNoise(records, fraction=0.5, seed=seed))
+
+    assert repr(build(3)) == repr(build(3)) and ' at 0x' not in repr(build(3))
+    assert repr(build(3)) != repr(build(4))
+    assert repr(pipeline.Subset(records, [1, 2])) == repr(pipeline.Subset(records, [1, 2]))
+    assert repr(pipeline.Subset(records, [1, 2])) != repr(pipeline.Subset(records, [2, 1]))

@@ -2,17 +2,21 @@
 
 Both runs start from the same initial state (initialised once, then placed on each mesh) and
 see the same batches; the subset and teacher are drawn from the state's RNG, identically on any
-mesh. Tolerances: the gradients agree to ~1e-6 relative, but Adam divides by sqrt(v) + eps, so
-float32 rounding in elements whose gradient is near zero becomes a difference of a fraction of
-the learning rate (1e-3 here): an element whose gradient is within rounding of zero can take
-Adam's step in either direction (seen: 1.8e-3 on a ResNet kernel after three steps). Hence the
-per-element bound is loose, 6e-3 (two steps of size lr, three times); the real checks are the
-whole parameter vector within 2e-4 of the distance it moved in three steps (L2 norms; measured
-1e-5 to 2e-5), which a sharding bug would break, and the step metrics (loss, its parts,
-gradient norm). At the first step both runs hold identical parameters, so the metrics agree to
-1e-5 relative (measured <= 2e-6); later steps evaluate parameters that already differ by the
-Adam rounding above, and the gradient norm drifts with them (measured up to 1.0e-5 at step 3
-for one seed in 14), so later steps are held to 1e-4.
+mesh. What is compared, and why these tolerances (measured over 8 seeds x 2 cases, worst seen
+in brackets):
+- After the first step (identical parameters before it): the gradient of every leaf, read from
+  Adam's first moment (0.1 x the clipped gradient), within 1e-4 of the leaf's norm plus 1e-6 of
+  the whole gradient's norm [2e-6 relative on every leaf that carries signal; leaves whose true
+  gradient is zero, e.g. a bias before BatchNorm, hold rounding noise below 1e-6 of the whole];
+  BatchNorm statistics within 1e-5 relative [1.1e-6]; every parameter within lr / 10 [2.8e-5].
+- After three steps the two runs are no longer comparable element by element: Adam divides by
+  sqrt(v) + eps, so an element whose gradient is within rounding of zero can take a step of up
+  to lr in either direction, and in a tiny BatchNorm ResNet this chaos grows (seen: one element
+  1.0e-3 apart, the L2 distance 2.5e-3 of the distance moved, for one seed in ten). So the
+  bulk is checked: 99% of parameter (and EMA) elements within lr / 10 [8.1e-6], and the step
+  metrics: loss and its parts to 1e-4 relative [6.7e-6], the gradient norm to 1e-5 at the first
+  step [2.7e-7] and 1e-3 later [7.3e-5]. A sharding bug (a missing reduction, a wrong slice)
+  breaks the first-step gradient check by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from psd_jax import losses, schedules, sharding, step
@@ -28,8 +33,7 @@ from psd_jax.models import build_model, preset
 
 B = 16
 STEPS = 3
-PARAM_ATOL = 6e-3
-RELATIVE = 2e-4
+LR = 1e-3
 
 TINY_RESNET = preset('tiny', image=dict(kind='resnet', layers=(1, 1, 1, 1), width=8, heads=2))
 
@@ -44,7 +48,7 @@ CASES = {
 
 
 def make_setup(spec, loss, mesh):
-    lr = schedules.warmup_cosine(1e-3, total_steps=10, warmup_steps=1)
+    lr = schedules.warmup_cosine(LR, total_steps=10, warmup_steps=1)
     return step.StepSetup(build_model(spec), step.make_optimizer(lr), loss,
                           schedules.alpha_schedule('constant', 0.5, 10), lr, mesh)
 
@@ -58,15 +62,29 @@ def batches(seed, context_length=16):
 
 
 def run(setup, state, seed, strategy):
+    """Three steps; returns the host copies of the state after the first and the last step, and
+    every step's metrics."""
     shardings = step.state_shardings(setup, strategy)
     state = jax.device_put(state, shardings, may_alias=False)  # the step donates it
     example = next(batches(seed))
     fn = step.compile_train_step(setup, shardings, example)
-    metrics = []
+    states, metrics = [], []
     for batch in batches(seed):
         state, m = fn(state, jax.device_put(batch, sharding.batch_sharding(setup.mesh)))
+        states.append(jax.device_get(state))
         metrics.append(jax.device_get(m))
-    return jax.device_get(state), metrics
+    return states[0], states[-1], metrics
+
+
+def leaves(tree):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def bulk_within(a, b, bound, what, seed):
+    """99% of the elements of trees a and b within `bound` of each other."""
+    diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(leaves(a), leaves(b))])
+    assert np.quantile(diff, 0.99) <= bound, (
+        f'{what}: 99th percentile {np.quantile(diff, 0.99):.3g} > {bound} (seed {seed})')
 
 
 @pytest.mark.parametrize('case', list(CASES))
@@ -76,30 +94,42 @@ def test_eight_devices_match_one(devices, case):
     eight = make_setup(spec, loss, sharding.make_mesh({'data': 2, 'fsdp': 4}, devices))
     initial = jax.device_get(step.init_state(one, jax.random.key(1)))
     seed = int(np.random.SeedSequence().entropy % 2**32)
-    s1, m1 = run(one, initial, seed, 'replicated')
-    s8, m8 = run(eight, initial, seed, 'fsdp')
+    first1, s1, m1 = run(one, initial, seed, 'replicated')
+    initial = jax.device_get(step.init_state(one, jax.random.key(1)))  # fresh: the key is donated
+    first8, s8, m8 = run(eight, initial, seed, 'fsdp')
     assert int(s1.step) == int(s8.step) == STEPS
-    flat1 = jax.tree_util.tree_leaves_with_path(s1.params)
-    flat8 = jax.tree_util.tree_leaves(s8.params)
-    for (path, a), b in zip(flat1, flat8):
-        err = np.max(np.abs(np.asarray(a) - np.asarray(b)))
-        assert err <= PARAM_ATOL, f'{jax.tree_util.keystr(path)} differs by {err:.3g} (seed {seed})'
-    moved = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
-                        zip(jax.tree.leaves(initial.params), jax.tree.leaves(s1.params))))
-    apart = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
-                        zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params))))
-    assert moved > 1e-2, 'the parameters did not move: the comparison would be vacuous'
-    assert apart <= RELATIVE * moved, f'|8 dev - 1 dev| = {apart:.3g}, moved {moved:.3g}'
-    for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s8.batch_stats)):
+
+    # after one step from identical parameters: gradients, BatchNorm statistics, parameters
+    mu1, mu8 = (optax.tree_utils.tree_get(s.opt_state, 'mu') for s in (first1, first8))
+    whole = np.sqrt(sum(np.sum(x ** 2) for x in leaves(mu1)))
+    assert whole > 0
+    for (path, _), a, b in zip(jax.tree_util.tree_leaves_with_path(mu1), leaves(mu1),
+                               leaves(mu8)):
+        err = np.linalg.norm(a - b)
+        assert err <= 1e-4 * np.linalg.norm(a) + 1e-6 * whole, (
+            f'gradient of {jax.tree_util.keystr(path)}: |8 dev - 1 dev| = {err:.3g}, '
+            f'|grad| = {np.linalg.norm(a):.3g} (seed {seed})')
+    for a, b in zip(leaves(first1.batch_stats), leaves(first8.batch_stats)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(first1.params),
+                            leaves(first8.params)):
+        err = np.max(np.abs(np.asarray(a) - b))
+        assert err <= LR / 10, f'{jax.tree_util.keystr(path)} differs by {err:.3g} (seed {seed})'
+
+    # after three steps: the bulk of the parameters, and every step's metrics
+    moved = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(leaves(initial.params),
+                                                              leaves(s1.params))))
+    assert moved > 1e-2, 'the parameters did not move: the comparison would be vacuous'
+    bulk_within(s1.params, s8.params, LR / 10, 'parameters after three steps', seed)
     if s1.ema_params is not None:
-        for a, b in zip(jax.tree.leaves(s1.ema_params), jax.tree.leaves(s8.ema_params)):
-            assert np.max(np.abs(a - b)) <= PARAM_ATOL
+        bulk_within(s1.ema_params, s8.ema_params, LR / 10, 'EMA parameters', seed)
     for i, (a, b) in enumerate(zip(m1, m8)):
         assert a['subset_size'] == b['subset_size'] == round(B * loss.subset_fraction)
-        for key in ('loss', 'clip', 'distill', 'grad_norm'):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5 if i == 0 else 1e-4,
+        for key in ('loss', 'clip', 'distill'):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4,
                                        err_msg=f'{key} at step {i} (seed {seed})')
+        np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=1e-5 if i == 0 else 1e-3,
+                                   err_msg=f'grad_norm at step {i} (seed {seed})')
 
 
 @pytest.mark.parametrize('fraction', [0.25, 0.0])

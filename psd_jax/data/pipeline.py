@@ -11,6 +11,7 @@ host's share of the global batch; worker processes. `iterator.get_state()` /
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -87,6 +88,8 @@ class CaptionNoise(grain.RandomAccessDataSource):
             raise ValueError(f'data.caption_noise_kind={kind!r} is not known; allowed: '
                              f'{list(NOISE_KINDS)}')
         self.source, self.caption_key = source, caption_key
+        self._description = (f'fraction={fraction}, seed={seed}, caption_key={caption_key!r}, '
+                             f'kind={kind!r}, group_key={group_key!r}')
         n = len(source)
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
@@ -119,6 +122,9 @@ class CaptionNoise(grain.RandomAccessDataSource):
     def __len__(self) -> int:
         return len(self.source)
 
+    def __repr__(self) -> str:  # grain compares the source's repr when a state is restored
+        return f'CaptionNoise({self.source!r}, {self._description})'
+
     def __getitem__(self, index: int) -> dict:
         record = dict(self.source[index])
         if index in self.replacement:
@@ -139,6 +145,9 @@ class WithIndex(grain.RandomAccessDataSource):
     def __len__(self) -> int:
         return len(self.source)
 
+    def __repr__(self) -> str:  # grain compares the source's repr when a state is restored
+        return f'WithIndex({self.source!r})'
+
     def __getitem__(self, index: int) -> dict:
         return {**self.source[index], 'index': np.int32(index)}
 
@@ -155,6 +164,10 @@ class Subset(grain.RandomAccessDataSource):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __repr__(self) -> str:
+        digest = hashlib.blake2b(self.indices.tobytes(), digest_size=8).hexdigest()
+        return f'Subset({self.source!r}, {len(self.indices)} indices, blake2b {digest})'
 
     def __getitem__(self, index: int) -> dict:
         return self.source[int(self.indices[index])]
