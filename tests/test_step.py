@@ -163,6 +163,23 @@ def test_second_pass_teacher_is_a_forward_over_the_subset(devices, fraction):
     assert float(teacher.logit_scale) == pytest.approx(float(full['logit_scale']))
 
 
+def put(batch, mesh):
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+def plain_first_step(setup, fn, state, batch):
+    """The first step of a teacher with nothing from earlier steps (bank, previous step): plain
+    CLIP. Returns the new state, and the parameters and model outputs before the step (what
+    the teacher keeps)."""
+    params0 = jax.device_get(state.params)
+    out0 = jax.device_get(setup.model.apply({'params': params0}, batch['image'], batch['text']))
+    state, metrics = fn(state, put(batch, setup.mesh))
+    metrics = jax.device_get(metrics)
+    assert metrics['subset_size'] == 0 and metrics['distill'] == 0
+    np.testing.assert_allclose(metrics['loss'], metrics['clip'], rtol=1e-6)
+    return state, params0, out0
+
+
 def test_bank_teacher_distils_from_each_pairs_last_visit(devices):
     """psd.teacher='bank': a pair's first visit keeps one-hot targets and writes its embeddings
     into the bank; a later visit distils from those (the teacher's columns are the pairs the
@@ -183,14 +200,7 @@ def test_bank_teacher_distils_from_each_pairs_last_visit(devices):
     first['index'] = np.arange(B, dtype=np.int32)                  # pairs 0-15
     second['index'] = np.arange(B // 2, B // 2 + B, dtype=np.int32)  # 8-15 again, 16-23 new
     fn = step.compile_train_step(setup, shardings, first)
-    put = lambda b: jax.device_put(b, sharding.batch_sharding(mesh))  # noqa: E731
-
-    params0 = jax.device_get(state.params)
-    out0 = jax.device_get(setup.model.apply({'params': params0}, first['image'], first['text']))
-    state, m1 = fn(state, put(first))
-    m1 = jax.device_get(m1)
-    assert m1['subset_size'] == 0 and m1['distill'] == 0  # nothing seen yet: plain CLIP
-    np.testing.assert_allclose(m1['loss'], m1['clip'], rtol=1e-6)
+    state, params0, out0 = plain_first_step(setup, fn, state, first)
     bank = jax.device_get(state.bank)
     np.testing.assert_array_equal(bank['seen'], np.arange(n_pairs) < B)
     np.testing.assert_allclose(bank['image'][:B], out0['image'], atol=2e-6)
@@ -206,7 +216,7 @@ def test_bank_teacher_distils_from_each_pairs_last_visit(devices):
     out1 = setup.model.apply({'params': params1}, second['image'], second['text'])
     want, parts = losses.psd_loss(out1['image'], out1['text'], out1['logit_scale'], mesh=mesh,
                                   subset=subset & seen, alpha=0.5, teacher=teacher)
-    state, m2 = fn(state, put(second))
+    state, m2 = fn(state, put(second, mesh))
     m2 = jax.device_get(m2)
     assert m2['subset_size'] == np.sum(subset & seen) > 0
     np.testing.assert_allclose(m2['loss'], want, rtol=1e-5)
@@ -240,14 +250,7 @@ def test_previous_step_teacher_distils_among_the_repeated_pairs(devices):
                                       np.arange(200, 200 + B - k)]).astype(np.int32)
     third['index'] = np.arange(300, 300 + B, dtype=np.int32)
     fn = step.compile_train_step(setup, shardings, first)
-    put = lambda b: jax.device_put(b, sharding.batch_sharding(mesh))  # noqa: E731
-
-    params0 = jax.device_get(state.params)
-    out0 = jax.device_get(setup.model.apply({'params': params0}, first['image'], first['text']))
-    state, m1 = fn(state, put(first))
-    m1 = jax.device_get(m1)
-    assert m1['subset_size'] == 0 and m1['distill'] == 0
-    np.testing.assert_allclose(m1['loss'], m1['clip'], rtol=1e-6)
+    state, params0, out0 = plain_first_step(setup, fn, state, first)
     carry = jax.device_get(state.carry)
     np.testing.assert_array_equal(carry['index'], first['index'][k:2 * k])
     np.testing.assert_allclose(carry['image'], out0['image'][k:2 * k], atol=2e-6)
@@ -262,14 +265,14 @@ def test_previous_step_teacher_distils_among_the_repeated_pairs(devices):
     out1 = setup.model.apply({'params': params1}, second['image'], second['text'])
     want, parts = losses.psd_loss(out1['image'], out1['text'], out1['logit_scale'], mesh=mesh,
                                   subset=mask, alpha=0.5, teacher=teacher)
-    state, m2 = fn(state, put(second))
+    state, m2 = fn(state, put(second, mesh))
     m2 = jax.device_get(m2)
     assert m2['subset_size'] == k
     np.testing.assert_allclose(m2['loss'], want, rtol=1e-5)
     np.testing.assert_allclose(m2['distill'], parts['distill'], rtol=1e-5)
     assert m2['loss'] != pytest.approx(m2['clip'], rel=1e-4)  # the teacher changed the loss
 
-    state, m3 = fn(state, put(third))
+    state, m3 = fn(state, put(third, mesh))
     m3 = jax.device_get(m3)
     assert m3['subset_size'] == 0
     np.testing.assert_allclose(m3['loss'], m3['clip'], rtol=1e-6)
