@@ -194,9 +194,9 @@ def check(root: pathlib.Path, names: list[str]) -> list[dict]:
                         'worst_metric': worst, 'stored_at': time.strftime(
                             '%Y-%m-%d %H:%M', time.gmtime(stored_file.stat().st_mtime)),
                         'rerun_at': time.strftime('%Y-%m-%d %H:%M', time.gmtime())})
+        out.write_text(json.dumps(records, indent=1))  # after each run: an interruption
         print(f'[check] {name}: {len(diffs)} metrics, max |diff| {diffs[worst]:.2g} ({worst})',
-              flush=True)
-    out.write_text(json.dumps(records, indent=1))
+              flush=True)                              # keeps what was checked
     return records
 
 

@@ -249,7 +249,7 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
                              '(dataset positions)')
         if setup.loss.needs_bank:
             teacher, subset = _bank_teacher(state, batch, subset)
-        elif state.carry is not None:
+        elif setup.loss.needs_carry:
             if setup.carried != setup.loss.carried_pairs(batch_size):
                 raise ValueError(f'StepSetup.carried={setup.carried}, but a global batch of '
                                  f'{batch_size} repeats {setup.loss.carried_pairs(batch_size)}')

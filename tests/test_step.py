@@ -61,6 +61,10 @@ def batches(seed, context_length=16):
                'text': rng.integers(1, 1000, (B, context_length)).astype(np.int32)}
 
 
+def put(batch, mesh):
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
 def run(setup, state, seed, strategy):
     """Three steps; returns the host copies of the state after the first and the last step, and
     every step's metrics."""
@@ -70,7 +74,7 @@ def run(setup, state, seed, strategy):
     fn = step.compile_train_step(setup, shardings, example)
     states, metrics = [], []
     for batch in batches(seed):
-        state, m = fn(state, jax.device_put(batch, sharding.batch_sharding(setup.mesh)))
+        state, m = fn(state, put(batch, setup.mesh))
         states.append(jax.device_get(state))
         metrics.append(jax.device_get(m))
     return states[0], states[-1], metrics
@@ -140,8 +144,7 @@ def test_second_pass_teacher_is_a_forward_over_the_subset(devices, fraction):
                              teacher_temperature=0.5)
     setup = make_setup('tiny', loss, sharding.make_mesh({'data': 8}, devices))
     state = step.init_state(setup, jax.random.key(2))
-    batch = jax.device_put(next(batches(int(np.random.SeedSequence().entropy % 2**32))),
-                           sharding.batch_sharding(setup.mesh))
+    batch = put(next(batches(int(np.random.SeedSequence().entropy % 2**32))), setup.mesh)
     idx = losses.subset_indices(jax.random.key(3), B, fraction)
 
     @jax.jit
@@ -161,10 +164,6 @@ def test_second_pass_teacher_is_a_forward_over_the_subset(devices, fraction):
     np.testing.assert_allclose(teacher.text[idx], full['text'][idx], atol=2e-6)
     assert not np.any(teacher.image[~mask]) and not np.any(teacher.text[~mask])
     assert float(teacher.logit_scale) == pytest.approx(float(full['logit_scale']))
-
-
-def put(batch, mesh):
-    return jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
 def plain_first_step(setup, fn, state, batch):
