@@ -35,6 +35,35 @@ def load_config(path: str):
     return module.get_config()
 
 
+def prepare(config_path: str, mesh, variant: dict) -> dict:
+    """The compiled step, a state warmed up by two steps, and a device batch for one variant."""
+    import jax
+    import numpy as np
+
+    from psd_jax import batch as batch_lib, config as config_lib, sharding, step
+
+    config = load_config(config_path)
+    config.loss.kind = variant['kind']
+    if 'teacher' in variant:
+        config.loss.psd.teacher = variant['teacher']
+    config.loss.alpha_schedule = 'constant'  # distillation active at every timed step
+    setup = config_lib.step_setup(config, mesh, dataset_size=BANK_SIZE)
+    shardings = step.state_shardings(setup, config.param_sharding)
+    spec = step.batch_spec(setup, config.data.global_batch)
+    batch = batch_lib.synthetic(spec, np.random.default_rng(0), config.model.vocab_size,
+                                dataset_size=BANK_SIZE)
+    if setup.carried:  # the batch repeats its own slots [k, 2k): the teacher is active
+        k = setup.carried
+        batch['index'][:k] = batch['index'][k:2 * k]
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    fn = step.compile_train_step(setup, shardings, spec)
+    state = step.init_state(setup, jax.random.key(0), config.param_sharding)
+    for _ in range(2):  # the second step of a bank teacher distils from the first's bank
+        state, m = fn(state, batch)
+    jax.block_until_ready(m)
+    return {'fn': fn, 'state': state, 'batch': batch, 'times': []}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -45,40 +74,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    import numpy as np
 
-    from psd_jax import config as config_lib, sharding, step
+    from psd_jax import sharding
 
     base = load_config(args.config)
     mesh = sharding.make_mesh(base.mesh.to_dict())
-    b, s, length = base.data.global_batch, base.model.image_size, base.model.context_length
-    rng = np.random.default_rng(0)
-    host = {'image': rng.standard_normal((b, s, s, 3)).astype(np.float32),
-            'teacher_image': rng.standard_normal((b, s, s, 3)).astype(np.float32),
-            'text': rng.integers(1, base.model.vocab_size, (b, length)).astype(np.int32),
-            'index': rng.permutation(BANK_SIZE)[:b].astype(np.int32)}
-    runs = {}
-    for name, variant in VARIANTS.items():
-        config = load_config(args.config)
-        config.loss.kind = variant['kind']
-        if 'teacher' in variant:
-            config.loss.psd.teacher = variant['teacher']
-        config.loss.alpha_schedule = 'constant'  # distillation active at every timed step
-        setup = config_lib.step_setup(config, mesh, dataset_size=BANK_SIZE)
-        shardings = step.state_shardings(setup, config.param_sharding)
-        keys = ('image', 'text') + (('teacher_image',) if setup.loss.needs_teacher_forward
-                                    else ()) + (('index',) if setup.loss.needs_index else ())
-        batch = {k: host[k] for k in keys}
-        if setup.carried:  # the batch repeats its own slots [k, 2k): the teacher is active
-            k = setup.carried
-            batch['index'] = np.concatenate([host['index'][k:2 * k], host['index'][k:]])
-        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-        fn = step.compile_train_step(setup, shardings, batch)
-        state = step.init_state(setup, jax.random.key(0), config.param_sharding)
-        for _ in range(2):  # the second step of a bank teacher distils from the first's bank
-            state, m = fn(state, batch)
-        jax.block_until_ready(m)
-        runs[name] = {'fn': fn, 'state': state, 'batch': batch, 'times': []}
+    b, s = base.data.global_batch, base.model.image_size
+    runs = {name: prepare(args.config, mesh, variant) for name, variant in VARIANTS.items()}
     for _ in range(args.repeats):
         for name, r in runs.items():
             start = time.perf_counter()

@@ -1,8 +1,10 @@
 """PSD vs CLIP under caption noise: a resumable, coarse-to-fine sweep over the trainer.
 
-    python experiments/psd_vs_clip.py run [--root ~/.cache/psd_jax/experiments/psd_vs_clip]
-    python experiments/psd_vs_clip.py report      # docs/results/psd_vs_clip.md + PNGs
-    python experiments/psd_vs_clip.py check RUN [RUN ...]   # rerun finished runs from scratch
+    python -m experiments.psd_vs_clip run [--root ~/.cache/psd_jax/experiments/psd_vs_clip]
+    python -m experiments.psd_vs_clip check RUN [RUN ...]   # rerun finished runs from scratch
+    python -m experiments.report      # docs/results/psd_vs_clip.md + PNGs from the runs
+
+(from the repository root). What is compared lives in experiments/plan.py.
 
 Every run is `python -m psd_jax.main --config configs/experiments/psd_vs_clip.py:<dataset>`
 with overrides, in its own workdir under --root; a run whose workdir holds final_metrics.json
@@ -29,90 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import time
 
-from psd_jax import losses
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = ROOT / 'configs' / 'experiments' / 'psd_vs_clip.py'
-DEFAULT_ROOT = pathlib.Path(os.environ.get('PSD_JAX_CACHE', pathlib.Path.home() / '.cache' /
-                                           'psd_jax')) / 'experiments' / 'psd_vs_clip'
-SEEDS = (0, 1, 2)
-
-# method -> loss overrides (teacher temperature relative to the student's)
-METHODS = {
-    'clip': {'loss.kind': 'clip'},
-    'psd_same_pass': {'loss.kind': 'psd', 'loss.psd.teacher': 'same_pass',
-                      'loss.psd.teacher_temperature': 2.0},
-    'psd_same_pass_offdiag': {'loss.kind': 'psd', 'loss.psd.teacher': 'same_pass',
-                              'loss.psd.teacher_temperature': 1.0,
-                              'loss.psd.teacher_diagonal': 'remove'},
-    'psd_bank': {'loss.kind': 'psd', 'loss.psd.teacher': 'bank',
-                 'loss.psd.teacher_temperature': 1.0},
-    'psd_second_pass': {'loss.kind': 'psd', 'loss.psd.teacher': 'second_pass',
-                        'loss.psd.teacher_temperature': 1.0},
-    'psd_ema': {'loss.kind': 'psd', 'loss.psd.teacher': 'ema',
-                'loss.psd.teacher_temperature': 1.0, 'loss.psd.ema_momentum': 0.99},
-    'psd_previous_step': {'loss.kind': 'psd', 'loss.psd.teacher': 'previous_step',
-                          'loss.psd.teacher_temperature': 1.0},
-}
-# grid variants: one knob changed from the base (subset 0.5, alpha_max 0.5 linear)
-VARIANTS = {
-    'base': {},
-    'alpha0.8': {'loss.alpha_max': 0.8},
-    'subset1.0': {'loss.psd.subset_fraction': 1.0},
-    'temp_x2': 'double',  # teacher temperature doubled
-    'alpha_cosine': {'loss.alpha_schedule': 'cosine'},
-    'alpha_constant': {'loss.alpha_schedule': 'constant'},
-}
-SHORTLIST = 3
-SCREEN_CONDITION = 'emoji_within_group_0.4'
-CONDITIONS = ('emoji_within_group_0.4', 'emoji_clean', 'emoji_shuffle_0.4',
-              'fashion_shuffle_0.5', 'fashion_clean')
-FULL_CONDITIONS = ('emoji_clean',) + tuple(
-    f'emoji_{kind}_{rate}' for kind in ('shuffle', 'within_group', 'group_name')
-    for rate in (0.2, 0.4)) + ('fashion_clean', 'fashion_shuffle_0.5')
-
-
-def condition_overrides(condition: str) -> tuple[str, dict]:
-    """'emoji_within_group_0.4' -> ('emoji', {caption noise overrides})."""
-    dataset, _, rest = condition.partition('_')
-    if rest == 'clean':
-        return dataset, {}
-    kind, _, rate = rest.rpartition('_')
-    return dataset, {'data.caption_noise': float(rate), 'data.caption_noise_kind': kind}
-
-
-def method_overrides(method: str, variant: str = 'base') -> dict:
-    overrides = dict(METHODS[method])
-    change = VARIANTS[variant]
-    if change == 'double':
-        overrides['loss.psd.teacher_temperature'] = 2 * overrides['loss.psd.teacher_temperature']
-    else:
-        overrides.update(change)
-    return overrides
-
-
-def valid(method: str, variant: str) -> bool:
-    """Whether the variant applies to the method (e.g. the previous-step teacher repeats at
-    most half of each batch, so it has no subset fraction 1.0)."""
-    overrides = method_overrides(method, variant)
-    if overrides['loss.kind'] != 'psd':
-        return variant == 'base'
-    psd = {k.split('.')[-1]: v for k, v in overrides.items() if k.startswith('loss.psd.')}
-    try:
-        losses.LossConfig.from_mapping('psd', psd)
-    except ValueError:
-        return False
-    return True
-
-
-def run_name(condition: str, method: str, variant: str, seed: int) -> str:
-    return f'{condition}/{method}-{variant}/seed{seed}'
+from experiments.plan import (CONDITIONS, CONFIG, DEFAULT_ROOT, FULL_CONDITIONS, METHODS, ROOT,
+                              SCREEN_CONDITION, SEEDS, SHORTLIST, VARIANTS, condition_overrides,
+                              method_overrides, run_name, score, valid)
 
 
 def run_one(root: pathlib.Path, condition: str, method: str, variant: str, seed: int) -> dict:
@@ -134,11 +60,6 @@ def run_one(root: pathlib.Path, condition: str, method: str, variant: str, seed:
             raise RuntimeError(f'run failed (exit {code}); see {workdir / "log.txt"}')
         print(f'      {time.time() - start:.0f} s', flush=True)
     return json.loads(done.read_text())
-
-
-def score(result: dict) -> float:
-    """Selection score: mean held-out R@1 of both directions (emoji)."""
-    return 0.5 * (result['eval/retrieval/i2t_R@1'] + result['eval/retrieval/t2i_R@1'])
 
 
 def ranked(root: pathlib.Path, candidates: list[tuple[str, str]],
@@ -202,24 +123,20 @@ def check(root: pathlib.Path, names: list[str]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('command', choices=('run', 'report', 'check'))
+    parser.add_argument('command', choices=('run', 'check'))
     parser.add_argument('runs', nargs='*', help="check: runs to redo, e.g. "
                         "'emoji_clean/clip-base/seed0'")
     parser.add_argument('--root', type=pathlib.Path, default=DEFAULT_ROOT,
                         help='where the runs live (outside the repository)')
     parser.add_argument('--full', action='store_true', help='confirm on FULL_CONDITIONS')
-    parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'docs' / 'results')
     args = parser.parse_args()
     if args.command == 'check':
         check(args.root, args.runs)
-    elif args.command == 'run':
+    else:
         start = time.time()
         sweep(args.root, args.full)
-        print(f'sweep finished in {(time.time() - start) / 60:.1f} min', flush=True)
-    else:
-        sys.path.insert(0, str(ROOT / 'experiments'))
-        from report import write_report
-        write_report(args.root, args.out)
+        print(f'sweep finished in {(time.time() - start) / 60:.1f} min; write the report with '
+              f'python -m experiments.report --root {args.root}', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 """The PSD vs CLIP report: tables (mean +- std over seeds, PSD - CLIP with a 95% interval) and
 plots from the finished runs of experiments/psd_vs_clip.py.
 
-    python experiments/psd_vs_clip.py report [--root ...] [--out docs/results]
+    python -m experiments.report [--root ~/.cache/psd_jax/experiments/psd_vs_clip]
+        [--out docs/results]            # from the repository root
 
 Differences are paired by seed (same data order, noise draw and initialisation): the interval
 is mean +- t(0.975, n-1) * sd / sqrt(n) of the per-seed differences.
@@ -9,12 +10,14 @@ is mean +- t(0.975, n-1) * sd / sqrt(n) of the per-seed differences.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pathlib
 import statistics
 
-from psd_vs_clip import CONDITIONS, FULL_CONDITIONS, METHODS, SCREEN_CONDITION, VARIANTS, score
+from experiments.plan import (CONDITIONS, DEFAULT_ROOT, FULL_CONDITIONS, METHODS, ROOT,
+                              SCREEN_CONDITION, VARIANTS, score)
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}
@@ -203,7 +206,7 @@ def reproduced_lines(root: pathlib.Path) -> list[str]:
     """The `check` reruns: each named run redone from scratch vs its stored metrics."""
     path = root / 'reproduced.json'
     if not path.exists():
-        return ['(no run was rechecked: `python experiments/psd_vs_clip.py check RUN ...`)']
+        return ['(no run was rechecked: `python -m experiments.psd_vs_clip check RUN ...`)']
     lines = ['| run | stored | rerun | eval metrics | max abs difference |',
              '|---|---|---|---|---|']
     for r in json.loads(path.read_text()):
@@ -225,6 +228,34 @@ def step_time_lines(root_dir: pathlib.Path) -> list[str]:
     return lines
 
 
+COMPARED = [
+    '## What was compared', '',
+    '- `clip`: the CLIP loss. Every PSD method: soft targets on a random half of each batch, '
+    'a ramped linearly from 0 to `alpha_max` = 0.5 over the run, teacher temperature '
+    'relative to the student\'s.',
+    '- `psd_same_pass`: this step\'s own logits at teacher temperature 2 (no added compute).',
+    '- `psd_same_pass_offdiag`: this step\'s logits at temperature 1 with the matching pair '
+    'removed from the teacher distribution (no added compute).',
+    '- `psd_bank`: each pair\'s embeddings from its previous visit, one epoch earlier (no '
+    'added forward; PS-KD-style).',
+    '- `psd_second_pass`: a stop-gradient forward of the current parameters over the subset '
+    'on the un-augmented view.',
+    '- `psd_ema`: the same forward with EMA parameters (momentum 0.99; ALBEF-style).',
+    '- `psd_previous_step`: DLB-style, no added compute: the first half of each batch '
+    'repeats half of the previous batch (fresh crops), and the previous step\'s embeddings '
+    'of those pairs are the teacher among them (the subset is those pairs, not random).',
+    '- Grid (one knob at a time around the best screened teacher): alpha_max 0.8, subset '
+    'fraction 1.0, teacher temperature doubled, a schedule cosine or constant instead of '
+    'linear (plot below).',
+    '- Noise: `shuffle` gives a chosen caption another random record\'s caption; '
+    '`within_group` swaps captions among records of the same emoji subgroup (plausible '
+    'captions of related images, the many-to-many noise of web data); `group_name` (in '
+    '`--full`) replaces captions by the subgroup\'s name. Fashion-MNIST captions are '
+    '\'a photo of a {class}.\'; shuffling half of them gives about 45% wrong labels.',
+    '',
+]
+
+
 def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
     runs = load_runs(root)
     if not runs:
@@ -244,7 +275,8 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
     text = [
         '# PSD vs CLIP under caption noise',
         '',
-        'Produced by `python experiments/psd_vs_clip.py run --full` then `... report` '
+        'Produced by `python -m experiments.psd_vs_clip run --full` then '
+        '`python -m experiments.report` '
         f'({len(runs)} runs, {wall:.0f} min of training and evaluation on a 2-core CPU, '
         'summed over runs). Numbers are percentages. Every run: the tiny ViT + text tower, '
         '300 steps of batch 128 (configs/experiments/psd_vs_clip.py).',
@@ -263,37 +295,27 @@ def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
         '## Reproducibility', '',
         'The sweep reuses finished runs, so the runs above come from more than one invocation. '
         'These were rerun from an empty workdir with the committed code '
-        '(`python experiments/psd_vs_clip.py check RUN ...`); differences of metrics that are '
+        '(`python -m experiments.psd_vs_clip check RUN ...`); differences of metrics that are '
         'fractions:', '',
         *reproduced_lines(root), '',
-        '## Step time', '', *step_time_lines(pathlib.Path(__file__).resolve().parents[1]), '',
-        '## What was compared', '',
-        '- `clip`: the CLIP loss. Every PSD method: soft targets on a random half of each batch, '
-        'a ramped linearly from 0 to `alpha_max` = 0.5 over the run, teacher temperature '
-        'relative to the student\'s.',
-        '- `psd_same_pass`: this step\'s own logits at teacher temperature 2 (no added compute).',
-        '- `psd_same_pass_offdiag`: this step\'s logits at temperature 1 with the matching pair '
-        'removed from the teacher distribution (no added compute).',
-        '- `psd_bank`: each pair\'s embeddings from its previous visit, one epoch earlier (no '
-        'added forward; PS-KD-style).',
-        '- `psd_second_pass`: a stop-gradient forward of the current parameters over the subset '
-        'on the un-augmented view.',
-        '- `psd_ema`: the same forward with EMA parameters (momentum 0.99; ALBEF-style).',
-        '- `psd_previous_step`: DLB-style, no added compute: the first half of each batch '
-        'repeats half of the previous batch (fresh crops), and the previous step\'s embeddings '
-        'of those pairs are the teacher among them (the subset is those pairs, not random).',
-        '- Grid (one knob at a time around the best screened teacher): alpha_max 0.8, subset '
-        'fraction 1.0, teacher temperature doubled, a schedule cosine or constant instead of '
-        'linear (plot below).',
-        '- Noise: `shuffle` gives a chosen caption another random record\'s caption; '
-        '`within_group` swaps captions among records of the same emoji subgroup (plausible '
-        'captions of related images, the many-to-many noise of web data); `group_name` (in '
-        '`--full`) replaces captions by the subgroup\'s name. Fashion-MNIST captions are '
-        '\'a photo of a {class}.\'; shuffling half of them gives about 45% wrong labels.',
-        '',
+        '## Step time', '', *step_time_lines(ROOT), '',
+        *COMPARED, '',
         'Per-run s/step in the tables above is the logged wall time per step including the '
         'input pipeline.', '']
     (out / 'psd_vs_clip.md').write_text('\n'.join(text))
     plot_noise(runs, chosen, out)
     plot_alpha(runs, chosen, out)
     print(f'wrote {out / "psd_vs_clip.md"}')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--root', type=pathlib.Path, default=DEFAULT_ROOT,
+                        help='where the sweep wrote its runs')
+    parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'docs' / 'results')
+    args = parser.parse_args()
+    write_report(args.root, args.out)
+
+
+if __name__ == '__main__':
+    main()

@@ -2,9 +2,9 @@
 
 `train_step(setup, state, batch) -> (state, metrics)` is a module-level pure function;
 `compile_train_step` jits it once with explicit in/out shardings and the state donated.
-batch: {'image': (B, H, W, 3) float, 'text': (B, L) int32, optional 'teacher_image': the
-un-augmented view used by second-pass / EMA teachers (defaults to 'image'), and 'index': (B,)
-int32 dataset positions, required by the embedding-bank and previous-step teachers}.
+`batch_spec(setup, global_batch)` is the batch a step takes: 'image' and 'text' always,
+'teacher_image' for the second-pass / EMA teachers, 'index' for the bank / previous-step
+teachers (psd_jax/batch.py has the shapes and dtypes; docs/design.md the why).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
+from psd_jax import batch as batch_lib
 from psd_jax import losses
 from psd_jax import sharding as shd
-from psd_jax.models.clip import LOG_MAX_LOGIT_SCALE
+from psd_jax.models.clip import clip_logit_scale, logit_scale_value
 
 NO_DECAY_LEAVES = ('bias', 'scale', 'logit_scale', 'logit_bias', 'class_embedding')
 
@@ -84,10 +85,16 @@ def make_optimizer(lr_fn: Callable, weight_decay: float = 0.2, b1: float = 0.9,
     return optax.chain(*parts)
 
 
+def batch_spec(setup: StepSetup, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch `train_step` takes for this setup: keys, shapes and dtypes."""
+    return batch_lib.with_extras(batch_lib.input_spec(setup.model, global_batch),
+                                 teacher_image=setup.loss.needs_teacher_forward,
+                                 index=setup.loss.needs_index)
+
+
 def _dummy_inputs(model: nn.Module) -> tuple[jax.Array, jax.Array]:
-    size = model.image_tower.image_size
-    return (jnp.zeros((1, size, size, 3), jnp.float32),
-            jnp.zeros((1, model.text_tower.context_length), jnp.int32))
+    spec = batch_lib.input_spec(model, 1)
+    return tuple(jnp.zeros(spec[k].shape, spec[k].dtype) for k in ('image', 'text'))
 
 
 def _create_state(setup: StepSetup, rng: jax.Array) -> TrainState:
@@ -147,11 +154,11 @@ def init_state(setup: StepSetup, rng: jax.Array, strategy: str = 'replicated') -
     return jax.jit(functools.partial(_create_state, setup), out_shardings=shardings)(rng)
 
 
-def _teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Array,
-             batch_size: int) -> losses.Teacher | None:
-    """Teacher embeddings of a stop-gradient forward over the subset (second_pass / ema)."""
-    if not setup.loss.needs_teacher_forward:
-        return None
+def _forward_teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Array,
+                     batch_size: int) -> losses.Teacher:
+    """Teacher embeddings of a stop-gradient forward over the subset (second_pass / ema): the
+    subset's `batch['teacher_image']` and captions through the current (second_pass) or EMA
+    parameters, scattered into (B, D) rows; the other rows are zero and masked."""
     k = indices.shape[0]
     mask = losses.subset_mask(indices, batch_size)
     params = state.ema_params if setup.loss.teacher == 'ema' else state.params
@@ -162,7 +169,7 @@ def _teacher(setup: StepSetup, state: TrainState, batch: dict, indices: jax.Arra
     n = shd.data_size(setup.mesh)
     padded = math.ceil(k / n) * n  # pad to whole shards; padding rows are dropped below
     idx = jnp.concatenate([indices, jnp.broadcast_to(indices[:1], (padded - k,))])
-    images = batch.get('teacher_image', batch['image'])[idx]
+    images = batch['teacher_image'][idx]
     texts = batch['text'][idx]
     images, texts = (jax.lax.with_sharding_constraint(x, shd.batch_sharding(setup.mesh))
                      for x in (images, texts))
@@ -238,15 +245,13 @@ def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
 def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch. Pure: the same inputs give the same outputs."""
     batch_size = batch['image'].shape[0]
+    batch_lib.check(batch, batch_spec(setup, batch_size), 'train_step batch')
     step_rng = jax.random.fold_in(state.rng, state.step)
     alpha = setup.alpha_fn(state.step)
     indices, subset, teacher = None, None, None
     if setup.loss.kind == 'psd':
         indices = losses.subset_indices(step_rng, batch_size, setup.loss.subset_fraction)
         subset = losses.subset_mask(indices, batch_size)
-        if setup.loss.needs_index and 'index' not in batch:
-            raise ValueError(f'psd.teacher={setup.loss.teacher!r} needs batch[\'index\'] '
-                             '(dataset positions)')
         if setup.loss.needs_bank:
             teacher, subset = _bank_teacher(state, batch, subset)
         elif setup.loss.needs_carry:
@@ -254,8 +259,8 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
                 raise ValueError(f'StepSetup.carried={setup.carried}, but a global batch of '
                                  f'{batch_size} repeats {setup.loss.carried_pairs(batch_size)}')
             teacher, subset = _previous_step_teacher(state, batch, batch_size)
-        else:
-            teacher = _teacher(setup, state, batch, indices, batch_size)
+        elif setup.loss.needs_teacher_forward:
+            teacher = _forward_teacher(setup, state, batch, indices, batch_size)
     has_bn = bool(state.batch_stats)
 
     def loss_fn(params):
@@ -273,8 +278,7 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
     (loss, (parts, mutated, embeddings)), grads = grad_fn(state.params)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0,
-                                                 LOG_MAX_LOGIT_SCALE)}
+    params = {**params, 'logit_scale': clip_logit_scale(params['logit_scale'])}
     ema = state.ema_params
     if ema is not None:
         m = setup.loss.ema_momentum
@@ -287,7 +291,7 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
                                   state.carry, batch, embeddings, state.params['logit_scale']))
     metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
                'grad_norm': optax.tree.norm(grads),
-               'logit_scale': jnp.exp(jnp.minimum(params['logit_scale'], LOG_MAX_LOGIT_SCALE))}
+               'logit_scale': logit_scale_value(params['logit_scale'])}
     return new_state, metrics
 
 
@@ -295,9 +299,8 @@ def compile_train_step(setup: StepSetup, shardings: TrainState, batch_example: d
     """jit `train_step` once: state sharded as `shardings` and donated, batch over the data axes,
     metrics replicated. Returns the AOT-compiled function (its `memory_analysis()` is
     available) for batches shaped like `batch_example` (arrays or ShapeDtypeStructs)."""
-    for name in ('image', 'text'):
-        if name not in batch_example:
-            raise ValueError(f"batch is missing {name!r}; it needs 'image' and 'text'")
+    batch_lib.check(batch_example, batch_spec(setup, batch_example['image'].shape[0]),
+                    'compile_train_step batch')
     shd.check_batch(batch_example['image'].shape[0], setup.mesh, 'global batch')
     batch_sh = {k: shd.batch_sharding(setup.mesh) for k in batch_example}
     jitted = jax.jit(functools.partial(train_step, setup), in_shardings=(shardings, batch_sh),

@@ -17,6 +17,7 @@ os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 CACHE = pathlib.Path(os.environ.get('PSD_JAX_TEST_CACHE',
@@ -32,3 +33,18 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f'tests expect 8 emulated CPU devices, found {len(devs)}'
     return devs
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed for a test's random inputs, printed (pytest shows it when the test fails);
+    PSD_JAX_TEST_SEED=<seed> reruns a failure with the same inputs."""
+    value = int(os.environ.get('PSD_JAX_TEST_SEED') or np.random.SeedSequence().entropy % 2**31)
+    print(f'{request.node.nodeid}: seed {value} (rerun with PSD_JAX_TEST_SEED={value})')
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """NumPy generator seeded by the printed `seed`."""
+    return np.random.default_rng(seed)

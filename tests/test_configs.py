@@ -1,8 +1,11 @@
-"""Every config in configs/ loads, validates and builds its model (shapes only, no memory)."""
+"""Every config in configs/ (sub-folders included, every named variant) loads, validates and
+builds its train-step setup; its model's parameter count is pinned (shapes only, no memory)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import math
 import pathlib
 
@@ -11,10 +14,25 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from psd_jax import config as config_lib
-from psd_jax.models import build_model
+from psd_jax import batch as batch_lib
+from psd_jax import config as config_lib, losses, sharding
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / 'configs').rglob('*.py'))
+
+# Trainable parameters of each config's model. The paper-scale ones are OpenAI CLIP's published
+# counts (ViT-B/32 151,277,313; ViT-B/16 149,620,737; RN50 102,007,137); the tiny model is ours.
+TINY = 1_641_345
+PARAMETERS = {
+    'clip_cc3m_vitb32': 151_277_313,
+    'demo': TINY,
+    'experiments/psd_vs_clip:emoji': TINY,
+    'experiments/psd_vs_clip:fashion': TINY,
+    'psd_cc12m_vitb16': 149_620_737,
+    'psd_cc3m_vitb32': 151_277_313,
+    'psd_yfcc15m_rn50': 102_007_137,
+    'tiny_test': TINY,
+}
 
 
 def load(path):
@@ -24,24 +42,62 @@ def load(path):
     return module
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_is_documented_valid_and_builds(path):
+def config_cases():
+    """(name, path, variant): one per config, or per value its get_config(arg) accepts."""
+    cases = []
+    for path in CONFIGS:
+        name = str(path.relative_to(ROOT / 'configs').with_suffix(''))
+        variants = getattr(load(path), 'DATASETS', None)
+        if variants:
+            cases += [(f'{name}:{v}', path, v) for v in variants]
+        else:
+            cases.append((name, path, None))
+    return cases
+
+
+CASES = config_cases()
+
+
+def test_every_config_has_a_pinned_parameter_count():
+    assert sorted(name for name, _, _ in CASES) == sorted(PARAMETERS)
+
+
+@pytest.mark.parametrize('name,path,variant', CASES, ids=[c[0] for c in CASES])
+def test_config_is_documented_valid_and_builds(devices, name, path, variant):
     module = load(path)
-    assert 'python -m psd_jax.main --config configs/' in (module.__doc__ or ''), \
-        'the docstring must give the run command'
-    config = module.get_config()
+    command = f'python -m psd_jax.main --config configs/{path.relative_to(ROOT / "configs")}'
+    assert command in (module.__doc__ or ''), f'the docstring must give the run command {command}'
+    config = module.get_config() if variant is None else module.get_config(variant)
     config_lib.validate(config)
-    spec = config_lib.model_spec(config)
-    model = build_model(spec, config.model.dtype)
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, spec.image_size, spec.image_size, 3),
-                                                 jnp.float32),
-                            jax.ShapeDtypeStruct((1, spec.context_length), jnp.int32))
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    setup = config_lib.step_setup(config, mesh, dataset_size=1000)
+    inputs = batch_lib.input_spec(setup.model, 1)
+    shapes = jax.eval_shape(setup.model.init, jax.random.key(0), inputs['image'], inputs['text'])
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
-    assert count > 0
+    assert count == PARAMETERS[name]
+    spec = config_lib.model_spec(config)
+    assert (spec.image_size, spec.context_length) == (config.model.image_size,
+                                                      config.model.context_length)
     if config.model.image_size == 224:  # paper scale: CLIP's context and bfloat16 compute
         assert config.model.context_length == 77 and config.model.dtype == 'bfloat16'
         assert config.data.dataset == 'image_text_shards' and config.data.global_batch >= 4096
+
+
+def test_base_config_holds_the_loss_defaults_once():
+    """config.loss.psd is exactly losses.LossConfig's fields and defaults, which are the
+    setting the sweep chose; the demo changes none of them."""
+    base = config_lib.base_config()
+    fields = {f.name: f.default for f in dataclasses.fields(losses.LossConfig)}
+    assert fields.pop('kind') == base.loss.kind == 'psd'
+    assert base.loss.psd.to_dict() == fields
+    assert (fields['teacher'], fields['teacher_temperature'], fields['ema_momentum'],
+            fields['subset_fraction']) == ('ema', 2.0, 0.99, 0.5)
+    assert (base.loss.alpha_schedule, base.loss.alpha_max) == ('linear', 0.5)
+    demo = load(ROOT / 'configs' / 'demo.py').get_config()
+    assert demo.loss.to_dict() == base.loss.to_dict()
+    # psd_loss takes no default temperature of its own: with soft targets it must be given
+    temperature = inspect.signature(losses.psd_loss).parameters['teacher_temperature']
+    assert temperature.default is None
 
 
 def test_locked_config_names_the_nearest_key():
@@ -49,6 +105,17 @@ def test_locked_config_names_the_nearest_key():
     config.lock()
     with pytest.raises(AttributeError, match='Did you mean "lr"'):
         config.optim.lrr = 0.1
+    config.loss.psd.teacher = 'same_pass'
     config.loss.psd.teacher_temperature = 1.0
     with pytest.raises(ValueError, match='degenerate'):
         config_lib.validate(config)
+    config.loss.psd.teacher = 'momentum'
+    with pytest.raises(ValueError, match=r"psd.teacher='momentum' is not known; allowed: \["):
+        config_lib.validate(config)
+
+
+def test_psd_loss_needs_a_temperature_with_soft_targets(devices):
+    mesh = sharding.make_mesh({'data': 1}, devices[:1])
+    u = jnp.eye(4, 8)
+    with pytest.raises(ValueError, match='teacher_temperature is required'):
+        losses.psd_loss(u, u, 0.0, mesh=mesh, subset=jnp.ones(4, bool), alpha=0.5)

@@ -172,10 +172,10 @@ def test_grouped_caption_noise_stays_within_the_group(emoji_dir):
         pipeline.CaptionNoise(src, fraction=0.2, seed=1, kind='within_group', group_key='colour')
 
 
-def test_global_batches_are_the_same_for_any_number_of_hosts():
+def test_global_batches_are_the_same_for_any_number_of_hosts(seed):
     """Each host's slice of every global batch, concatenated in host order, is the batch one
     host reads: the same records with the same augmentation RNG, across epoch boundaries."""
-    n, batch, seed = 103, 24, int(np.random.SeedSequence().entropy % 2**31)
+    n, batch = 103, 24
     one = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1)
     for hosts in (2, 3, 4):
         parts = [pipeline.GlobalBatchSampler(n, batch, seed, host=h, hosts=hosts)
@@ -207,8 +207,7 @@ def test_sentencepiece_trained_on_captions():
         SentencePieceTokenizer('/nonexistent/missing.model')
 
 
-def test_clip_preprocessing_shapes_and_normalisation():
-    rng = np.random.default_rng()
+def test_clip_preprocessing_shapes_and_normalisation(rng):
     image = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
     center = pipeline.resize_center_crop(image, 32)
     crop = pipeline.random_resized_crop(image, 32, rng)
@@ -263,12 +262,11 @@ def test_fetch_without_npm_names_the_command(tmp_path, monkeypatch):
         fetch.emoji_sources(tmp_path)
 
 
-def test_carried_slots_repeat_the_previous_batch():
+def test_carried_slots_repeat_the_previous_batch(seed):
     """carried=k (previous-step teacher): the first k slots of batch s > 0 hold the records of
     slots [k, 2k) of batch s - 1 with a fresh augmentation RNG; the other slots walk one seeded
     order (every record once per epoch), and the batches are the same for any host count."""
     n, batch, k = 50, 12, 4
-    seed = int(np.random.SeedSequence().entropy % 2**31)
     one = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, carried=k)
     steps = 30
     keys = np.array([[one[s * batch + i].record_key for i in range(batch)] for s in range(steps)])

@@ -23,8 +23,7 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_perfect_and_random_retrieval():
-    rng = np.random.default_rng()
+def test_perfect_and_random_retrieval(rng):
     x = unit(rng.standard_normal((500, 64)))
     perfect = retrieval_metrics(x, x)
     assert perfect['i2t_R@1'] == perfect['t2i_R@1'] == 1.0 and perfect['i2t_median_rank'] == 1
@@ -38,8 +37,7 @@ def test_perfect_and_random_retrieval():
             assert abs(chance[f'{d}_R@{k}'] - expected) < 5 * sigma + 1e-9, (d, k)
 
 
-def test_several_captions_per_image():
-    rng = np.random.default_rng()
+def test_several_captions_per_image(rng):
     images = unit(rng.standard_normal((100, 32)))
     owner = np.repeat(np.arange(100), 5)
     texts = unit(images[owner] + 0.05 * rng.standard_normal((500, 32)))
@@ -53,8 +51,7 @@ def test_several_captions_per_image():
         retrieval_metrics(images, texts)
 
 
-def test_images_sharing_a_caption_all_count():
-    rng = np.random.default_rng()
+def test_images_sharing_a_caption_all_count(rng):
     images = unit(rng.standard_normal((4, 16)))
     captions = ['a red apple', 'a red apple', 'a dog', 'a cat']
     texts = images.copy()
@@ -65,8 +62,7 @@ def test_images_sharing_a_caption_all_count():
     assert grouped['t2i_R@1'] == 1.0 and grouped['i2t_R@1'] >= plain['i2t_R@1']
 
 
-def test_zero_shot_on_constructed_classes():
-    rng = np.random.default_rng()
+def test_zero_shot_on_constructed_classes(rng):
     classes = unit(rng.standard_normal((10, 64)))
     labels = rng.integers(0, 10, 400)
     images = unit(classes[labels] + 0.1 * rng.standard_normal((400, 64)))
@@ -95,9 +91,8 @@ def batches(images, tokens, size):
                'index': np.arange(i, min(i + size, len(images)))}
 
 
-def test_padding_and_sharding_do_not_change_embeddings(devices, tiny_model):
+def test_padding_and_sharding_do_not_change_embeddings(devices, tiny_model, rng):
     model, variables = tiny_model
-    rng = np.random.default_rng()
     images = rng.standard_normal((21, 32, 32, 3)).astype(np.float32)
     tokens = rng.integers(1, 999, (21, 16)).astype(np.int32)
     eight = sharding.make_mesh({'data': 8}, devices)
@@ -126,10 +121,9 @@ def test_linear_probe_matches_published_logistic_regression_on_fashion_mnist():
     assert abs(result['accuracy'] - 0.842) <= 0.01, result
 
 
-def test_effective_robustness_against_a_known_logit_line():
+def test_effective_robustness_against_a_known_logit_line(rng):
     from psd_jax.evaluation import robustness as rb
 
-    rng = np.random.default_rng()
     slope, intercept = rng.uniform(0.8, 1.2), rng.uniform(-2.0, -0.5)
     imagenet = rng.uniform(0.4, 0.85, 30)
     shift = rb.sigmoid(slope * rb.logit(imagenet) + intercept)

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'experiments'))
-
-import psd_vs_clip  # noqa: E402
-import report  # noqa: E402
+from experiments import plan, psd_vs_clip, report
 
 
 def fake_run(root, condition, method, variant, seed, i2t, t2i, top1=0.2, probe=None):
-    workdir = root / psd_vs_clip.run_name(condition, method, variant, seed)
+    workdir = root / plan.run_name(condition, method, variant, seed)
     workdir.mkdir(parents=True)
     (workdir / 'config.json').write_text('{}')
     lines = [{'step': s, 'alpha': 0.5 * s / 300, 'step_time_s': 0.1, 'loss': 1.0}
@@ -34,10 +27,9 @@ def fake_run(root, condition, method, variant, seed, i2t, t2i, top1=0.2, probe=N
     (workdir / 'final_metrics.json').write_text(json.dumps(metrics))
 
 
-def test_report_pairs_seeds_and_writes_tables_and_plots(tmp_path):
-    rng = np.random.default_rng()
-    condition = psd_vs_clip.SCREEN_CONDITION
-    for method in psd_vs_clip.METHODS:
+def test_report_pairs_seeds_and_writes_tables_and_plots(tmp_path, rng):
+    condition = plan.SCREEN_CONDITION
+    for method in plan.METHODS:
         fake_run(tmp_path, condition, method, 'base', 0, rng.uniform(0.1, 0.2),
                  rng.uniform(0.1, 0.2))
     chosen = ('psd_bank', 'base')
@@ -47,7 +39,7 @@ def test_report_pairs_seeds_and_writes_tables_and_plots(tmp_path):
         fake_run(tmp_path, condition, 'clip', 'base', seed, rng.uniform(0.1, 0.2), 0.1)
         fake_run(tmp_path, condition, *chosen, seed, rng.uniform(0.1, 0.2), 0.1)
     runs = report.load_runs(tmp_path)
-    score = {(r['method'], r['seed']): report.score(r['metrics']) for r in runs}
+    score = {(r['method'], r['seed']): plan.score(r['metrics']) for r in runs}
     diffs = [score[('psd_bank', s)] - score[('clip', s)] for s in (0, 1, 2)]
     mean, sd = np.mean(diffs), np.std(diffs, ddof=1)
     half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
@@ -60,7 +52,7 @@ def test_report_pairs_seeds_and_writes_tables_and_plots(tmp_path):
     shortlisted = next(line for line in text.splitlines() if line.startswith('| psd_bank | base')
                        and line.endswith('| 3 |'))
     assert want in shortlisted, (shortlisted, want)
-    for method in psd_vs_clip.METHODS:
+    for method in plan.METHODS:
         assert f'| {method} | base |' in text
     assert (tmp_path / 'out' / 'psd_vs_clip_noise.png').stat().st_size > 0
     assert (tmp_path / 'out' / 'psd_vs_clip_alpha.png').stat().st_size > 0
@@ -72,22 +64,21 @@ def test_report_refuses_an_unfinished_sweep(tmp_path):
 
 
 def test_conditions_and_overrides():
-    assert psd_vs_clip.condition_overrides('emoji_clean') == ('emoji', {})
-    assert psd_vs_clip.condition_overrides('emoji_within_group_0.4') == (
+    assert plan.condition_overrides('emoji_clean') == ('emoji', {})
+    assert plan.condition_overrides('emoji_within_group_0.4') == (
         'emoji', {'data.caption_noise': 0.4, 'data.caption_noise_kind': 'within_group'})
-    assert psd_vs_clip.condition_overrides('fashion_shuffle_0.5')[1][
+    assert plan.condition_overrides('fashion_shuffle_0.5')[1][
         'data.caption_noise_kind'] == 'shuffle'
-    doubled = psd_vs_clip.method_overrides('psd_same_pass', 'temp_x2')
+    doubled = plan.method_overrides('psd_same_pass', 'temp_x2')
     assert doubled['loss.psd.teacher_temperature'] == 4.0
 
 
-def test_sweep_screens_grids_shortlists_then_confirms(tmp_path, monkeypatch):
+def test_sweep_screens_grids_shortlists_then_confirms(tmp_path, monkeypatch, rng):
     """The sweep's stages on fake runs: the screen picks the best teacher, the grid changes one
     knob of it (skipping variants that do not apply), the shortlist reruns the best few on three
     seeds and the best mean wins, and the confirmation runs CLIP and the winner everywhere."""
-    rng = np.random.default_rng()
-    settings = [(m, 'base') for m in psd_vs_clip.METHODS] + [
-        ('psd_previous_step', v) for v in psd_vs_clip.VARIANTS]
+    settings = [(m, 'base') for m in plan.METHODS] + [
+        ('psd_previous_step', v) for v in plan.VARIANTS]
     seed0 = dict(zip(settings, rng.permutation(len(settings)) / 100))
     seed0[('psd_previous_step', 'base')] = 1.0  # the best teacher on the screen
     seed0[('psd_previous_step', 'alpha0.8')] = 0.9  # second on seed 0 ...
@@ -110,9 +101,9 @@ def test_sweep_screens_grids_shortlists_then_confirms(tmp_path, monkeypatch):
         ('psd_previous_step', 'temp_x2')]
     ran = set(calls)
     assert ('emoji_within_group_0.4', 'psd_previous_step', 'subset1.0', 0) not in ran
-    assert not psd_vs_clip.valid('psd_previous_step', 'subset1.0')
-    for condition in psd_vs_clip.CONDITIONS:
-        for seed in psd_vs_clip.SEEDS:
+    assert not plan.valid('psd_previous_step', 'subset1.0')
+    for condition in plan.CONDITIONS:
+        for seed in plan.SEEDS:
             assert (condition, 'clip', 'base', seed) in ran
             assert (condition, 'psd_previous_step', 'temp_x2', seed) in ran
     assert ('emoji_clean', 'psd_previous_step', 'alpha0.8', 1) not in ran

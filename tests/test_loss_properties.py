@@ -37,10 +37,9 @@ def grad_fns(mesh8):
             jax.jit(jax.value_and_grad(same_pass, argnums=(0, 1, 2))))
 
 
-def test_same_pass_same_temperature_is_scaled_clip(grad_fns):
+def test_same_pass_same_temperature_is_scaled_clip(grad_fns, rng):
     """Teacher = this pass at the student's temperature: gradient = (1 - a) * CLIP gradient."""
     clip, same_pass = grad_fns
-    rng = np.random.default_rng()
     u, v, s = unit(rng, B, D), unit(rng, B, D), np.float32(np.log(rng.uniform(5, 50)))
     everyone = np.ones(B, bool)
     _, g_clip = clip(u, v, s)
@@ -51,9 +50,8 @@ def test_same_pass_same_temperature_is_scaled_clip(grad_fns):
             assert np.max(np.abs(a - (1 - alpha) * b)) <= 1e-5 * np.max(np.abs(b))
 
 
-def test_alpha_zero_is_exactly_clip(grad_fns):
+def test_alpha_zero_is_exactly_clip(grad_fns, rng):
     clip, same_pass = grad_fns
-    rng = np.random.default_rng()
     u, v, s = unit(rng, B, D), unit(rng, B, D), np.float32(np.log(rng.uniform(5, 50)))
     subset = rng.random(B) < 0.5
     loss_c, g_c = clip(u, v, s)
@@ -63,9 +61,8 @@ def test_alpha_zero_is_exactly_clip(grad_fns):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_different_teacher_is_not_scaled_clip(mesh8):
+def test_a_different_teacher_is_not_scaled_clip(mesh8, rng):
     """The control for the identity: a teacher at another temperature changes the direction."""
-    rng = np.random.default_rng()
     u, v, s = unit(rng, B, D), unit(rng, B, D), np.float32(np.log(20.0))
     everyone = np.ones(B, bool)
     g = jax.jit(jax.grad(lambda u, T: losses.psd_loss(
@@ -133,8 +130,7 @@ def test_no_device_holds_the_batch_by_batch_matrix(devices, teacher):
     assert temp <= 16 * (batch // 8) * batch * 4, 'more than 16 slabs of b x B floats'
 
 
-def test_bad_input_is_named(mesh8):
-    rng = np.random.default_rng()
+def test_bad_input_is_named(mesh8, rng):
     u = unit(rng, B, D)
     s = np.float32(3.0)
     with pytest.raises(ValueError, match='does not divide across the data axes'):

@@ -178,7 +178,8 @@ def test_standalone_evaluation_reproduces_the_in_loop_numbers(tmp_path):
     assert len(keys) >= 10 and report['step'] == 4
     for key in keys:
         assert report[key] == pytest.approx(in_loop[key], abs=1e-6), key
-    assert in_loop['eval/zero_shot/top1'] >= 0.0
+    assert 0.0 < in_loop['eval/zero_shot/top1'] <= 1.0  # a fraction, and a model this
+    # small still ranks some held-out emoji into the right one of 10 groups
     empty = subprocess.run(
         [sys.executable, '-m', 'psd_jax.evaluate', f'--config={CONFIG}',
          f'--workdir={tmp_path / "nothing"}'], env=env(), capture_output=True, text=True,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Iterator
 
 import jax
 import ml_collections
@@ -34,6 +34,45 @@ def open_split(config: ml_collections.ConfigDict, split: str, dataset: str | Non
             multihost_utils.sync_global_devices('dataset prepared')
     name = f'{dataset}/{builder_config}' if builder_config else dataset
     return datasets.data_source(name, split, data_dir)
+
+
+def noisy_captions(config: ml_collections.ConfigDict, source: Any) -> Any:
+    """The training source with `data.caption_noise` of its captions corrupted as
+    `data.caption_noise_kind` says (grouped kinds use `data.caption_noise_group`)."""
+    group = config.data.caption_noise_group
+    names = None
+    if config.data.caption_noise_kind == 'group_name':
+        features = getattr(getattr(source, 'dataset_info', None), 'features', {})
+        if group not in features:
+            raise ValueError(f'config.data.caption_noise_group={group!r}: the dataset has no '
+                             f'such class feature; it has {sorted(features)}')
+        names = features[group].names
+    return pipeline.CaptionNoise(source, config.data.caption_noise, config.seed,
+                                 kind=config.data.caption_noise_kind, group_key=group,
+                                 group_names=names)
+
+
+def training_source(config: ml_collections.ConfigDict) -> Any:
+    """`data.train_split` of the training dataset, with caption noise when configured."""
+    source = open_split(config, config.data.train_split)
+    return noisy_captions(config, source) if config.data.caption_noise else source
+
+
+def training_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: Callable,
+                    batch_keys: Collection[str], carried: int = 0,
+                    start_batch: int = 0) -> Iterator[dict]:
+    """This host's training batches from global batch `start_batch` on, with exactly
+    `batch_keys` (from step.batch_spec): 'teacher_image' and 'index' only when the step takes
+    them. `carried`: pairs of each batch repeated from the previous (previous-step teacher)."""
+    if 'index' in batch_keys:
+        source = pipeline.WithIndex(source)
+    return iter(pipeline.make_loader(
+        source, global_batch=config.data.global_batch, image_size=config.model.image_size,
+        tokenizer=tokenizer, context_length=config.model.context_length, train=True,
+        seed=config.seed, worker_count=config.data.workers,
+        keep=('index',) if 'index' in batch_keys else (),
+        teacher_view='teacher_image' in batch_keys, crop_scale=tuple(config.data.crop_scale),
+        start_batch=start_batch, carried=carried))
 
 
 def eval_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: Callable,

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from psd_jax import batch as batch_lib
 from psd_jax import sharding as shd
 
 
@@ -62,15 +63,16 @@ def embed_batches(model, variables: Any, batches: Iterable[dict], mesh, batch_si
                   num_batches: int | None = None) -> dict[str, np.ndarray]:
     """{'image': (N, D), 'text': (N, D), ...} over all hosts' examples.
 
-    batches: this host's batches of up to `batch_size` examples ('image' float (b, H, W, 3),
-    'text' int (b, L), either may be absent; other numeric keys are carried along; string keys
-    such as 'caption' come back as '<key>_id' int64 ids). num_batches: the batch count every
+    batches: this host's batches of up to `batch_size` examples ('image' and 'text' as
+    psd_jax/batch.py defines them, either may be absent; other numeric keys come along;
+    string keys such as 'caption' come back as '<key>_id' int64 ids). num_batches: the batch count every
     host runs (required with several hosts, whose shards may differ by a batch).
     """
     shd.check_batch(batch_size * jax.process_count(), mesh, 'eval.batch')
     if jax.process_count() > 1 and num_batches is None:
         raise ValueError('embed_batches needs num_batches when several hosts take part')
     fns = _embed_fns(model, mesh)
+    spec = batch_lib.input_spec(model, batch_size)
     rows = shd.batch_sharding(mesh)
     iterator = iter(batches)
     template: dict | None = None
@@ -94,6 +96,7 @@ def embed_batches(model, variables: Any, batches: Iterable[dict], mesh, batch_si
                 key, value = f'{key}_id', text_ids(value)
             padded = _pad(value, batch_size)
             if key in fns:
+                batch_lib.check({key: padded}, {key: spec[key]}, 'evaluation batch')
                 global_x = jax.make_array_from_process_local_data(rows, padded)
                 result = multihost_utils.process_allgather(fns[key](variables, global_x),
                                                            tiled=True)

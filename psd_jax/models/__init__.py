@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from psd_jax.models.clip import DualEncoder, l2_normalize, logit_scale_value
+from psd_jax.models.clip import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, DualEncoder,
+                                 l2_normalize, logit_scale_value)
 from psd_jax.models.resnet import ModifiedResNet
 from psd_jax.models.text import TextTransformer
 from psd_jax.models.vit import VisionTransformer
@@ -60,9 +61,9 @@ def preset(name: str, **overrides: Any) -> ModelSpec:
 
 
 def build_model(spec: ModelSpec | str, dtype: str = 'float32',
-                init_logit_bias: float | None = None,
-                init_logit_scale: float | None = None) -> DualEncoder:
-    """A `DualEncoder` computing in `dtype` ('float32' or 'bfloat16') with float32 parameters."""
+                sigmoid: bool = False) -> DualEncoder:
+    """A `DualEncoder` computing in `dtype` ('float32' or 'bfloat16') with float32 parameters;
+    `sigmoid`: SigLIP's initial scale (t = 10) and a logit bias (-10), else CLIP's t = 1/0.07."""
     if isinstance(spec, str):
         spec = preset(spec)
     if dtype not in DTYPES:
@@ -82,6 +83,8 @@ def build_model(spec: ModelSpec | str, dtype: str = 'float32',
                            width=spec.text_width, depth=spec.text_depth, heads=spec.text_heads,
                            embed_dim=spec.embed_dim, pool=spec.text_pool, act=spec.act,
                            dtype=compute)
-    kwargs = {} if init_logit_scale is None else {'init_logit_scale': init_logit_scale}
-    return DualEncoder(image_tower=tower, text_tower=text, init_logit_bias=init_logit_bias,
-                       **kwargs)
+    if sigmoid:
+        return DualEncoder(image_tower=tower, text_tower=text,
+                           init_logit_scale=SIGLIP_INIT_LOGIT_SCALE,
+                           init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
+    return DualEncoder(image_tower=tower, text_tower=text)

@@ -9,8 +9,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# The one definition of the logit-scale cap (CLIP's: t = exp(logit_scale) <= 100) and of the
+# initial values; the loss and the train step use the functions below.
 MAX_LOGIT_SCALE = 100.0
 LOG_MAX_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # t = 1 / 0.07 (CLIP)
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # t = 10 (SigLIP)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -20,8 +25,15 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def logit_scale_value(logit_scale: jax.Array) -> jax.Array:
-    """t = exp(logit_scale), never above 100 (CLIP's clip)."""
-    return jnp.exp(jnp.minimum(logit_scale, LOG_MAX_LOGIT_SCALE))
+    """t = exp(logit_scale) in float32, never above MAX_LOGIT_SCALE (CLIP's clip): the scale
+    every loss and metric uses. logit_scale: the raw scalar parameter."""
+    return jnp.exp(jnp.minimum(jnp.asarray(logit_scale, jnp.float32), LOG_MAX_LOGIT_SCALE))
+
+
+def clip_logit_scale(logit_scale: jax.Array) -> jax.Array:
+    """The raw parameter clipped to [0, log MAX_LOGIT_SCALE] after each update (t in [1, 100]),
+    so the optimiser cannot push it past the cap where its gradient would vanish."""
+    return jnp.clip(logit_scale, 0.0, LOG_MAX_LOGIT_SCALE)
 
 
 class DualEncoder(nn.Module):
@@ -33,7 +45,7 @@ class DualEncoder(nn.Module):
     """
     image_tower: nn.Module
     text_tower: nn.Module
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = CLIP_INIT_LOGIT_SCALE
     init_logit_bias: float | None = None
 
     def setup(self):
