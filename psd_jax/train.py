@@ -159,11 +159,12 @@ class Loop:
                     state, step_metrics = self.train_step(
                         state, to_global(batch, self.spec, self.setup.mesh))
                 last = self.log(done, step_metrics) or last
-                self.between_steps(done, state, iterator)
+                self.evaluate_if_due(done, state)
                 if stop_here(preempted, done):
                     logging.warning('SIGTERM: checkpointing step %d and exiting', done)
                     self.ckpt.save(done, state, iterator, self.config_dict, force=True)
                     return state, last, True
+                self.checkpoint_if_due(done, state, iterator)
         return state, last, False
 
     def log(self, done: int, step_metrics: dict) -> dict | None:
@@ -183,13 +184,16 @@ class Loop:
         self.tick, self.tick_step = time.perf_counter(), done
         return scalars
 
-    def between_steps(self, done: int, state, iterator) -> None:
-        """Periodic evaluation and checkpoint (the final ones belong to `finish`)."""
+    def evaluate_if_due(self, done: int, state) -> None:
+        """Periodic evaluation (the final one belongs to `finish`)."""
         train = self.config.train
         if train.eval_every and done % train.eval_every == 0 and done != train.steps:
             self.writer.write(done, self.evaluate(state))
             self.tick, self.tick_step = time.perf_counter(), done
-        if done % train.checkpoint_every == 0:
+
+    def checkpoint_if_due(self, done: int, state, iterator) -> None:
+        """Periodic checkpoint (the final one belongs to `finish`)."""
+        if done % self.config.train.checkpoint_every == 0:
             self.ckpt.save(done, state, iterator, self.config_dict)
             self.tick, self.tick_step = time.perf_counter(), done  # step times exclude saves
 

@@ -1,7 +1,8 @@
 """Independent float64 NumPy references of the losses and their gradients.
 
-Written from the formulas in DESIGN.md section 2, not from the library: dense B x B matrices,
-explicit soft targets q, and analytic gradients (d loss / d logits = p - q per direction).
+Written from the formulas in docs/design.md ("The losses"), not from the library: dense B x B
+matrices, explicit soft targets q, and analytic gradients (d loss / d logits = p - q per
+direction).
 """
 
 from __future__ import annotations

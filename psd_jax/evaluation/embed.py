@@ -65,8 +65,8 @@ def embed_batches(model, variables: Any, batches: Iterable[dict], mesh, batch_si
 
     batches: this host's batches of up to `batch_size` examples ('image' and 'text' as
     psd_jax/batch.py defines them, either may be absent; other numeric keys come along;
-    string keys such as 'caption' come back as '<key>_id' int64 ids). num_batches: the batch count every
-    host runs (required with several hosts, whose shards may differ by a batch).
+    string keys such as 'caption' come back as '<key>_id' int64 ids). num_batches: the batch
+    count every host runs (required with several hosts, whose shards may differ by a batch).
     """
     shd.check_batch(batch_size * jax.process_count(), mesh, 'eval.batch')
     if jax.process_count() > 1 and num_batches is None:

@@ -56,7 +56,9 @@ def zero_shot(config, model, variables, mesh, tokenizer) -> dict[str, float]:
     return {k: v for k, v in result.items() if k != 'per_class'}
 
 
-def probe(config, model, variables, mesh, tokenizer) -> dict[str, float]:
+def linear_probe_on_frozen_features(config, model, variables, mesh,
+                                    tokenizer) -> dict[str, float]:
+    """Accuracy of logistic regression on frozen image embeddings of eval.probe_dataset."""
     dataset = {'dataset': config.eval.probe_dataset, 'builder_config': ''}
     train = _embedded_split(config, model, variables, mesh, tokenizer, 'train',
                             sample=config.eval.probe_examples, **dataset)
@@ -66,7 +68,7 @@ def probe(config, model, variables, mesh, tokenizer) -> dict[str, float]:
 
 
 EVALUATORS: dict[str, Callable] = {'retrieval': retrieval, 'zero_shot': zero_shot,
-                                   'linear_probe': probe}
+                                   'linear_probe': linear_probe_on_frozen_features}
 
 
 def run_evaluators(config: ml_collections.ConfigDict, model, variables: Any, mesh,
