@@ -10,6 +10,9 @@
 # --dry-run prints every gcloud command instead of running it. --keep leaves the slice up.
 # The workdir should be on GCS (gs://...): every worker writes its part of each checkpoint there
 # and process 0 writes metrics; a preempted spot slice resumes from it when relaunched.
+# Exit status: the training command's: 0 finished, 143 preempted (the run checkpointed:
+# relaunch with the same arguments to resume, e.g. `until launch/tpu_pod.sh ...; do
+# [ $? -eq 143 ] || break; done`), 3 diverged, 2 a config error.
 set -euo pipefail
 
 name="" zone="" accelerator="" workdir="" runtime="tpu-ubuntu2204-base" spot=0 keep=0 dry=0

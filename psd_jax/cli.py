@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import flags
+
+flags.DEFINE_boolean('library_logs', False, 'Show the INFO logs of the libraries underneath '
+                     '(Orbax, grain, JAX); by default the console shows psd_jax\'s progress, '
+                     'metrics, checkpoints, warnings and errors only.')
+
+
+class OnlyOurInfo(py_logging.Filter):
+    """Let INFO and below through only from psd_jax's own modules; warnings and errors from
+    anywhere."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or '/psd_jax/' in record.pathname
+
+
+def quiet_libraries() -> None:
+    """Install OnlyOurInfo on the absl handler unless --library_logs (call after parsing)."""
+    if flags.FLAGS.library_logs:
+        return
+    from absl import logging as absl_logging
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, OnlyOurInfo) for f in handler.filters):
+        handler.addFilter(OnlyOurInfo())
 
 
 def _one_line(error: Exception) -> str:

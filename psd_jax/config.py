@@ -11,7 +11,8 @@ import dataclasses
 
 import ml_collections
 
-from psd_jax import losses, schedules, sharding, step
+from psd_jax import guard, losses, schedules, sharding, step
+from psd_jax.evaluation import run as evaluation
 from psd_jax.data import pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
 
@@ -85,6 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_every = 0  # also keep every N-th step's checkpoint (0: none)
     config.train.eval_every = 0  # 0: only at the end
     config.train.transfer_guard = 'allow'  # around the step loop: allow | log | disallow
+    # a step with a non-finite loss, gradient norm or update is not applied; 'skip': stop after
+    # nonfinite_limit such steps in a row, 'stop': at the first (psd_jax/guard.py)
+    config.train.nonfinite = 'skip'
+    config.train.nonfinite_limit = 10
+    # keys that define the run but may change on this resume, deliberately (psd_jax/resume.py)
+    config.train.resume_allow_changes = ()
 
     config.eval = C()
     config.eval.evaluators = ('retrieval',)  # retrieval | zero_shot | linear_probe
@@ -147,6 +154,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'{config.data.caption_noise_kind!r} is not one of {list(pipeline.NOISE_KINDS)}')
     _check(config.train.steps > 0, 'train.steps', 'must be positive')
     _check(config.train.log_every > 0, 'train.log_every', 'must be positive')
+    _check(config.train.checkpoint_every >= 1, 'train.checkpoint_every',
+           f'{config.train.checkpoint_every}: must be >= 1 (checkpoints are how a run survives)')
+    _check(config.train.keep_checkpoints >= 1, 'train.keep_checkpoints',
+           f'{config.train.keep_checkpoints}: must be >= 1 (0 would delete every checkpoint)')
+    _check(config.train.keep_every >= 0, 'train.keep_every', 'must be >= 0 (0: none)')
+    _check(config.train.eval_every >= 0, 'train.eval_every', 'must be >= 0 (0: at the end)')
+    _check(config.train.nonfinite in guard.POLICIES, 'train.nonfinite',
+           f'{config.train.nonfinite!r} is not one of {list(guard.POLICIES)}')
+    _check(config.train.nonfinite_limit >= 1, 'train.nonfinite_limit', 'must be >= 1')
+    _check(config.data.dataset not in ('image_text_shards', 'image_folder_classification')
+           or bool(config.data.path), 'data.path',
+           f'dataset {config.data.dataset!r} reads your files: set --config.data.path')
+    evaluation.check_names(config)
     _check(config.optim.warmup_steps <= config.train.steps, 'optim.warmup_steps',
            f'{config.optim.warmup_steps} exceeds train.steps={config.train.steps}')
     _check(config.train.transfer_guard in ('allow', 'log', 'disallow'), 'train.transfer_guard',

@@ -53,6 +53,8 @@ def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    from psd_jax.cli import quiet_libraries
+    quiet_libraries()
     try:
         result = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
     except (ValueError, FileNotFoundError) as e:

@@ -5,6 +5,12 @@ the nearest valid one. Multi-host runs initialise `jax.distributed` here: on Clo
 under SLURM or Open MPI (more than one task) automatically, elsewhere from
 --coordinator_address/--num_processes/--process_id (or the JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+
+Exit codes: 0 the run finished (trained and evaluated); 2 a config, input or workdir error
+(one line on stderr naming the key or file); 3 the run diverged (non-finite steps beyond
+train.nonfinite's policy; the last good checkpoint is kept); 143 preempted (SIGTERM: the run
+checkpointed and stopped; run the same command again to resume, which is what a scheduler
+should do on this code).
 """
 
 from __future__ import annotations
@@ -50,15 +56,31 @@ def initialize_distributed() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    cli.quiet_libraries()
     initialize_distributed()
     from psd_jax import train  # after distributed initialisation
 
+    from psd_jax.guard import TrainingDiverged
+
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ValueError as e:  # config and input errors: one line, no traceback
-        logging.error('%s', e)
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    except train.Preempted as e:  # checkpointed: a scheduler should requeue the job
+        logging.warning('%s', e)
+        sys.exit(train.PREEMPTED_EXIT_CODE)
+    except TrainingDiverged as e:
+        fail(e, DIVERGED_EXIT_CODE)
+    except (ValueError, FileNotFoundError) as e:  # config and input errors: no traceback
+        fail(e, 2)
+
+
+DIVERGED_EXIT_CODE = 3
+
+
+def fail(error: Exception, code: int) -> None:
+    """One line on stderr (and in the log) instead of a traceback, and exit `code`."""
+    logging.error('%s', error)
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(code)
 
 
 def run() -> None:

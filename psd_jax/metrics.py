@@ -1,8 +1,9 @@
 """Where the numbers go: metrics.jsonl, TensorBoard (tensorboardX), optional Weights & Biases,
 a progress bar or plain log lines, and a PNG plot at the end.
 
-The workdir may be local or on GCS (gs://..., with gcsfs installed): metrics.jsonl is rewritten
-whole at each log (object stores cannot append), and the plot is rendered locally, then copied.
+metrics.jsonl is appended a line at a time (a kill loses at most the line being written); on
+GCS (gs://..., with gcsfs installed), which cannot append, it is rewritten whole at each log. The
+plot is rendered locally, then copied.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+from psd_jax.workdir import append_line
+
 
 class MetricsWriter:
     """One JSON line per logged step in <workdir>/metrics.jsonl, mirrored to TensorBoard."""
@@ -30,7 +33,7 @@ class MetricsWriter:
         self._tb = self._wandb = self._bar = None
         if not active:
             return
-        self._lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self._drop_after(start_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
@@ -47,8 +50,7 @@ class MetricsWriter:
         if not self.active:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        self._lines.append(json.dumps({'step': step, **clean}))
-        self.path.write_text('\n'.join(self._lines) + '\n')
+        append_line(self.path, json.dumps({'step': step, **clean}))
         if self._tb is not None:
             for k, v in clean.items():
                 if math.isfinite(v):
@@ -64,6 +66,14 @@ class MetricsWriter:
         else:
             logging.info('step %d: %s', step, brief)
 
+    def _drop_after(self, step: int) -> None:
+        """On a resume from `step`: drop the lines the interrupted run logged after it (they
+        are logged again), so every step appears once; damaged lines are dropped too."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path, merge=False) if r['step'] <= step]
+        self.path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+
     def advance(self, step: int) -> None:
         if self._bar is not None:
             self._bar.n = step
@@ -78,13 +88,23 @@ class MetricsWriter:
             self._wandb.finish()
 
 
-def read_metrics(path: str | epath.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl (later records for a step win: a resumed run re-logs)."""
-    by_key: dict[tuple, dict] = {}
-    for line in epath.Path(path).read_text().splitlines():
-        record = json.loads(line)
-        by_key[(record['step'], tuple(sorted(record)))] = record
-    return sorted(by_key.values(), key=lambda r: r['step'])
+def read_metrics(path: str | epath.PathLike, merge: bool = True) -> list[dict]:
+    """The records of a metrics.jsonl in step order; a damaged line (a kill mid-write, an
+    edit) is skipped with a warning naming the file and line. `merge`: later records of the
+    same step and keys win (a run resumed before this file was trimmed re-logged them)."""
+    records = []
+    for number, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+            record['step']
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            logging.warning('%s line %d is damaged and skipped (%s)', path, number, e)
+            continue
+        records.append(record)
+    if merge:
+        by_key = {(r['step'], tuple(sorted(r))): r for r in records}
+        records = list(by_key.values())
+    return sorted(records, key=lambda r: r['step'])
 
 
 def plot(workdir: str | epath.PathLike) -> epath.Path | None:

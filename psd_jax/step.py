@@ -22,7 +22,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from psd_jax import batch as batch_lib
-from psd_jax import losses
+from psd_jax import guard, losses
 from psd_jax import sharding as shd
 from psd_jax.models.clip import clip_logit_scale, logit_scale_value
 
@@ -35,7 +35,8 @@ class TrainState(struct.PyTreeNode):
     every dataset pair's embeddings from its last visit (replicated: N x D x 8 bytes/device).
     carry is None unless the teacher is 'previous_step', else {'image': (k, D), 'text': (k, D),
     'index': (k,) int32 (-1 before the first step), 'logit_scale': ()}: the last step's
-    embeddings of the k pairs the next batch repeats."""
+    embeddings of the k pairs the next batch repeats. health: the non-finite guard's counters
+    (psd_jax/guard.py)."""
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -44,6 +45,7 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
     bank: Any = None
     carry: Any = None
+    health: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,8 @@ def _create_state(setup: StepSetup, rng: jax.Array) -> TrainState:
         batch_stats=variables.get('batch_stats', {}), opt_state=setup.tx.init(params),
         ema_params=params if setup.loss.teacher == 'ema' and setup.loss.kind == 'psd' else None,
         rng=state_rng, bank=_empty_bank(setup) if setup.loss.needs_bank else None,
-        carry=_empty_carry(setup) if setup.loss.needs_carry else None)
+        carry=_empty_carry(setup) if setup.loss.needs_carry else None,
+        health=guard.initial_health())
 
 
 def _empty_bank(setup: StepSetup) -> dict:
@@ -138,7 +141,8 @@ def state_shardings(setup: StepSetup, strategy: str = 'replicated') -> TrainStat
                       bank=None if abstract.bank is None else jax.tree.map(
                           lambda _: shd.replicated(mesh), abstract.bank),
                       carry=None if abstract.carry is None else jax.tree.map(
-                          lambda _: shd.replicated(mesh), abstract.carry))
+                          lambda _: shd.replicated(mesh), abstract.carry),
+                      health=jax.tree.map(lambda _: shd.replicated(mesh), abstract.health))
 
 
 def abstract_state(setup: StepSetup, shardings: TrainState) -> TrainState:
@@ -289,9 +293,12 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
                               _update_bank(state.bank, batch['index'], embeddings),
                               carry=None if state.carry is None else _next_carry(
                                   state.carry, batch, embeddings, state.params['logit_scale']))
+    grad_norm = optax.tree.norm(grads)
+    new_state, finite = guard.keep_if_finite(new_state, state, loss, grad_norm)
     metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
-               'grad_norm': optax.tree.norm(grads),
-               'logit_scale': logit_scale_value(params['logit_scale'])}
+               'grad_norm': grad_norm, 'logit_scale': logit_scale_value(params['logit_scale']),
+               'skipped': 1.0 - finite.astype(jnp.float32),
+               'skipped_total': new_state.health['skipped_total'].astype(jnp.float32)}
     return new_state, metrics
 
 

@@ -16,57 +16,78 @@ from absl import logging
 from etils import epath
 
 from psd_jax import batch as batch_lib
-from psd_jax import checkpointing, config as config_lib, metrics, sharding, step
+from psd_jax import checkpointing, config as config_lib, guard, metrics, resume, sharding, step
+from psd_jax import workdir as workdir_lib
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
 from psd_jax.evaluation import run as evaluation
 
 
+class Preempted(Exception):
+    """SIGTERM stopped the run after it checkpointed; rerunning the command resumes it
+    (psd_jax.main exits with PREEMPTED_EXIT_CODE so that a scheduler requeues it)."""
+
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a process killed by SIGTERM reports
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` when it holds a checkpoint) and evaluate; returns the last
-    logged metrics including the final evaluation."""
+    logged metrics including the final evaluation. Raises Preempted after a SIGTERM checkpoint,
+    guard.TrainingDiverged when the run diverged (its last good checkpoint stays)."""
     config_lib.validate(config)
-    workdir = prepare_workdir(config, workdir)
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    sharding.check_batch(config.data.global_batch, mesh, 'config.data.global_batch')
-    logging.info('%s', sharding.describe(mesh))
-    tokenizer = make_tokenizer(config)
-    source = training_source(config)
-    setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
-    spec = step.batch_spec(setup, config.data.global_batch)
-
-    def data(start_batch: int = 0) -> Iterator[dict]:
-        return training_loader(config, source, tokenizer, spec, setup.carried, start_batch)
-
-    shardings = step.state_shardings(setup, config.param_sharding)
-    train_step, flops = compile_step(setup, shardings, spec)
-    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints,
-                                      config.train.keep_every)
-    state, start, iterator = restore_or_init(config, setup, shardings, ckpt, data)
+    workdir = epath.Path(workdir)  # a local path or gs://... (with gcsfs installed)
+    workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
-    writer = metrics.MetricsWriter(workdir, total_steps=config.train.steps, start_step=start,
-                                   tensorboard=config.metrics.tensorboard,
-                                   wandb_project=config.metrics.wandb_project,
-                                   config=config.to_dict(), active=lead)
-    loop = Loop(config, setup, spec, train_step, flops, ckpt, writer, tokenizer)
-    state, last, stopped = loop.run(state, start, iterator)
-    if not stopped:
-        last.update(loop.finish(state, iterator))
-        if lead:
-            (workdir / 'final_metrics.json').write_text(json.dumps(last, indent=1))
-    ckpt.close()
-    writer.close()
+    with workdir_lib.WorkdirLock(workdir, active=lead):
+        mesh = sharding.make_mesh(config.mesh.to_dict())
+        sharding.check_batch(config.data.global_batch, mesh, 'config.data.global_batch')
+        logging.info('%s', sharding.describe(mesh))
+        tokenizer = make_tokenizer(config)
+        source = training_source(config)
+        evaluation.check_evaluators(config)  # an evaluation error must not wait for the end
+        setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
+        spec = step.batch_spec(setup, config.data.global_batch)
+
+        def data(start_batch: int = 0) -> Iterator[dict]:
+            return training_loader(config, source, tokenizer, spec, setup.carried, start_batch)
+
+        shardings = step.state_shardings(setup, config.param_sharding)
+        ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints,
+                                          config.train.keep_every)
+        writer = None
+        try:
+            state, start, iterator = restore_or_init(config, setup, shardings, ckpt, data,
+                                                     workdir)
+            train_step, flops = compile_step(setup, shardings, spec)
+            writer = metrics.MetricsWriter(
+                workdir, total_steps=config.train.steps, start_step=start,
+                tensorboard=config.metrics.tensorboard,
+                wandb_project=config.metrics.wandb_project, config=config.to_dict(),
+                active=lead)
+            loop = Loop(config, setup, spec, train_step, flops, ckpt, writer, tokenizer, workdir)
+            state, stopped = loop.run(state, start, iterator)
+            if stopped:
+                raise Preempted(f'preempted: checkpointed step {ckpt.latest_step()} of '
+                                f'{workdir}; run the same command again to resume')
+            last = loop.finish(state, iterator)
+        finally:
+            close_quietly(ckpt, writer)
     if lead:
         metrics.plot(workdir)
     return last
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
-    """Create the workdir (a local path or gs://..., with gcsfs) and record the config."""
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
-    return workdir
+def close_quietly(ckpt: checkpointing.Checkpointer, writer) -> None:
+    """Close the checkpointer (waiting for its pending saves to commit) and the writer on every
+    exit path; a failure here is logged, not raised over the error that ended the run."""
+    for name, closer in (('checkpointer', ckpt.close),
+                         ('metrics writer', writer.close if writer else None)):
+        if closer is None:
+            continue
+        try:
+            closer()
+        except Exception as e:  # noqa: BLE001
+            logging.error('closing the %s failed: %s', name, e)
 
 
 def compile_step(setup: step.StepSetup, shardings: step.TrainState,
@@ -83,25 +104,37 @@ def compile_step(setup: step.StepSetup, shardings: step.TrainState,
 
 def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
                     shardings: step.TrainState, ckpt: checkpointing.Checkpointer,
-                    data: Callable[[int], Iterator[dict]]) -> tuple[step.TrainState, int, Any]:
-    """(state, first step, data iterator): the latest checkpoint's, or a fresh state at step 0.
+                    data: Callable[[int], Iterator[dict]],
+                    workdir: epath.Path) -> tuple[step.TrainState, int, Any]:
+    """(state, first step, data iterator): the newest readable checkpoint's, or a fresh state
+    at step 0; then the config is recorded (config.json, config_history.jsonl).
 
-    A checkpoint written by another number of hosts holds per-host data positions for another
-    split of the batches, so the data then restarts at the checkpoint's global batch instead."""
-    iterator = data(0)
+    Before a checkpoint's state is read, its config is compared with this one
+    (psd_jax/resume.py): a change to a key that defines the run is refused by name, and
+    nothing is written. A checkpoint written by another number of hosts holds per-host data
+    positions for another split of the batches, so the data restarts at its global batch."""
+    config_dict = json.loads(config.to_json_best_effort())
+    changed: dict = {}
+
+    def check(saved: dict, at: int) -> None:
+        changed.update(resume.check_resume(saved, config_dict, at, str(ckpt.directory)))
+
     if ckpt.latest_step() is None:
         state = step.init_state(setup, jax.random.key(config.seed), config.param_sharding)
-        return state, 0, iterator
-    saved_hosts = ckpt.saved_process_count()
-    same_hosts = saved_hosts in (None, jax.process_count())
-    state, start = ckpt.restore(step.abstract_state(setup, shardings),
-                                iterator if same_hosts else None)
-    if not same_hosts:
-        iterator = data(start)
-        logging.warning('checkpoint written by %d hosts, resumed on %d: the data restarts at '
-                        'global batch %d of the same order', saved_hosts, jax.process_count(),
-                        start)
-    logging.info('resumed from step %d of %s', start, ckpt.directory)
+        start, iterator = 0, data(0)
+    else:
+        state, start, iterator = ckpt.restore_newest_readable(
+            step.abstract_state(setup, shardings), lambda: data(0), check)
+        if iterator is None:
+            iterator = data(start)
+            logging.warning('checkpoint %d was written by another number of hosts than %d: '
+                            'the data restarts at global batch %d of the same order', start,
+                            jax.process_count(), start)
+        for key, (old, new) in changed.items():
+            logging.info('config.%s changed since the checkpoint: %r -> %r', key, old, new)
+        logging.info('resumed from step %d of %s', start, ckpt.directory)
+    if jax.process_index() == 0:
+        workdir_lib.record_config(workdir, config_dict, start, changed)
     return state, start, iterator
 
 
@@ -131,8 +164,8 @@ def stop_here(preempted: checkpointing.PreemptionFlag, step_number: int) -> bool
 class Loop:
     """The step loop and what happens between steps: metrics every `train.log_every` steps
     (step time measured between logs, excluding saves and evaluations), evaluations every
-    `train.eval_every`, checkpoints every `train.checkpoint_every`, and a checkpoint and clean
-    stop on preemption."""
+    `train.eval_every`, checkpoints every `train.checkpoint_every`, the non-finite guard's
+    verdict at each of those, and a checkpoint and clean stop on preemption."""
     config: ml_collections.ConfigDict
     setup: step.StepSetup
     spec: dict
@@ -141,15 +174,16 @@ class Loop:
     ckpt: checkpointing.Checkpointer
     writer: metrics.MetricsWriter
     tokenizer: Callable
+    workdir: epath.Path
 
     def __post_init__(self):
         self.config_dict = json.loads(self.config.to_json_best_effort())
         self.tick, self.tick_step = time.perf_counter(), 0
+        self.last: dict[str, float] = {}  # the last logged metrics
 
-    def run(self, state, start: int, iterator) -> tuple[Any, dict, bool]:
-        """Steps from `start` to train.steps; returns (state, last logged metrics, whether a
-        preemption stopped it)."""
-        last: dict[str, float] = {}
+    def run(self, state, start: int, iterator) -> tuple[Any, bool]:
+        """Steps from `start` to train.steps; returns (state, whether a preemption stopped
+        it)."""
         self.tick, self.tick_step = time.perf_counter(), start
         # one host: our SIGTERM handler; several: JAX's preemption service owns SIGTERM
         with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as preempted:
@@ -158,14 +192,16 @@ class Loop:
                 with jax.transfer_guard(self.config.train.transfer_guard):  # explicit copies only
                     state, step_metrics = self.train_step(
                         state, to_global(batch, self.spec, self.setup.mesh))
-                last = self.log(done, step_metrics) or last
+                if self.log(done, step_metrics):
+                    self.check_health(done, state)
                 self.evaluate_if_due(done, state)
                 if stop_here(preempted, done):
+                    self.check_health(done, state)
                     logging.warning('SIGTERM: checkpointing step %d and exiting', done)
                     self.ckpt.save(done, state, iterator, self.config_dict, force=True)
-                    return state, last, True
+                    return state, True
                 self.checkpoint_if_due(done, state, iterator)
-        return state, last, False
+        return state, False
 
     def log(self, done: int, step_metrics: dict) -> dict | None:
         """Write the step's metrics (with step time, images/s, MFU) when a log step is due."""
@@ -182,7 +218,18 @@ class Loop:
         self.writer.write(done, scalars)
         self.writer.advance(done)
         self.tick, self.tick_step = time.perf_counter(), done
+        self.last = scalars
         return scalars
+
+    def check_health(self, done: int, state) -> None:
+        """Stop (guard.TrainingDiverged) when skipped non-finite steps exceed the policy."""
+        health = jax.device_get(state.health)
+        if int(health['skipped_in_a_row']):
+            logging.warning('step %d: %d step(s) in a row, %d in all, had a non-finite loss or '
+                            'update and were skipped', done, health['skipped_in_a_row'],
+                            health['skipped_total'])
+        guard.check_health(health, self.config.train.nonfinite,
+                           self.config.train.nonfinite_limit, done, self.ckpt.latest_step())
 
     def evaluate_if_due(self, done: int, state) -> None:
         """Periodic evaluation (the final one belongs to `finish`)."""
@@ -192,8 +239,10 @@ class Loop:
             self.tick, self.tick_step = time.perf_counter(), done
 
     def checkpoint_if_due(self, done: int, state, iterator) -> None:
-        """Periodic checkpoint (the final one belongs to `finish`)."""
+        """Periodic checkpoint (the final one belongs to `finish`); never of a run the guard
+        stops."""
         if done % self.config.train.checkpoint_every == 0:
+            self.check_health(done, state)
             self.ckpt.save(done, state, iterator, self.config_dict)
             self.tick, self.tick_step = time.perf_counter(), done  # step times exclude saves
 
@@ -203,10 +252,25 @@ class Loop:
                                          self.setup.mesh, self.tokenizer)
 
     def finish(self, state, iterator) -> dict[str, float]:
-        """The final checkpoint (unless the last periodic one is it) and evaluation."""
+        """The final checkpoint, committed before the final evaluation starts (an evaluation
+        error cannot cost it), then the evaluation; final_metrics.json holds the last logged
+        metrics and what the evaluators gave, also when one of them failed (the error is
+        raised after). Returns that dict."""
         steps = self.config.train.steps
+        self.check_health(steps, state)
         if self.ckpt.latest_step() != steps:
             self.ckpt.save(steps, state, iterator, self.config_dict, force=True)
-        final = self.evaluate(state)
+        self.ckpt.wait()
+        logging.info('checkpoint %d committed in %s', steps, self.ckpt.directory)
+        try:
+            final = self.evaluate(state)
+            failure = None
+        except evaluation.EvaluationFailed as e:
+            final, failure = e.partial, e
         self.writer.write(steps, final)
-        return final
+        result = {**self.last, **final}
+        if jax.process_index() == 0:
+            (self.workdir / 'final_metrics.json').write_text(json.dumps(result, indent=1))
+        if failure is not None:
+            raise failure
+        return result

@@ -17,9 +17,14 @@ KS = (1, 5, 10)
 
 
 def _ranks_of_best_positive(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """scores (n, m), positive (n, m) bool -> (n,) 0-based rank of the best positive."""
-    best = np.max(np.where(positive, scores, -np.inf), axis=1, keepdims=True)
-    return np.sum(scores > best, axis=1)
+    """scores (n, m), positive (n, m) bool -> (n,) 0-based rank of the best positive.
+
+    Pessimistic: every negative whose score is not strictly below the best positive counts
+    above it, so ties and NaN scores are misses and a constant or NaN model ranks last (a
+    NaN positive is no positive at all)."""
+    best = np.max(np.where(positive & ~np.isnan(scores), scores, -np.inf), axis=1,
+                  keepdims=True)
+    return np.sum(~positive & ~(scores < best), axis=1)
 
 
 def caption_groups(captions: Sequence[str | bytes]) -> np.ndarray:

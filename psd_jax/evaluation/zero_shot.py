@@ -39,9 +39,13 @@ def zero_shot_metrics(image: np.ndarray, labels: np.ndarray | None,
                          'names: the class-name list does not match the labels')
     scores = np.asarray(image, np.float32) @ np.asarray(classes, np.float32).T
     k = min(5, len(classes))
-    top = np.argsort(-scores, axis=1)[:, :k]
-    hit1 = top[:, 0] == labels
-    hitk = np.any(top == labels[:, None], axis=1)
+    # rank of the true class among the others, counting ties and NaN against it (so a
+    # constant or NaN model classifies nothing)
+    true = scores[np.arange(len(labels)), labels][:, None]
+    true = np.where(np.isnan(true), -np.inf, true)
+    others = np.arange(len(classes))[None, :] != labels[:, None]
+    rank = np.sum(others & ~(scores < true), axis=1)
+    hit1, hitk = rank < 1, rank < k
     per_class = np.array([hit1[labels == c].mean() if np.any(labels == c) else np.nan
                           for c in range(len(classes))])
     return {'top1': float(hit1.mean()), f'top{k}': float(hitk.mean()), 'per_class': per_class,

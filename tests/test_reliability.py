@@ -1,0 +1,98 @@
+"""Reliability without training: the resume check, the workdir lock, ranking of broken models
+(docs/reliability.md lists every fault and the tests that inject it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from psd_jax import config as config_lib, resume, workdir
+from psd_jax.evaluation.retrieval import retrieval_metrics
+from psd_jax.evaluation.zero_shot import zero_shot_metrics
+
+
+def saved_and_new(**changes):
+    saved = config_lib.base_config().to_dict()
+    new = config_lib.base_config()
+    for key, value in changes.items():
+        node = new
+        *path, leaf = key.split('.')
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return saved, new.to_dict()
+
+
+@pytest.mark.parametrize('key,value', [
+    ('loss.kind', 'clip'), ('loss.psd.teacher', 'bank'), ('data.global_batch', 128),
+    ('seed', 7), ('model.preset', 'ViT-B/32'), ('model.embed_dim', 256),
+    ('data.path', '/elsewhere'), ('optim.lr', 0.5), ('data.caption_noise', 0.2)])
+def test_a_change_that_defines_the_run_is_refused_by_name(key, value):
+    saved, new = saved_and_new(**{key: value})
+    old = resume.flatten(saved)[key]
+    with pytest.raises(ValueError, match=rf'config\.{key}: {old!r} -> {value!r}'.replace(
+            '(', r'\(').replace(')', r'\)')) as error:
+        resume.check_resume(saved, new, 10, '/w/checkpoints')
+    assert 'resume_allow_changes' in str(error.value) and 'new --workdir' in str(error.value)
+
+
+def test_watching_keys_and_more_steps_may_change_and_are_reported():
+    saved, new = saved_and_new(**{'train.steps': 500, 'train.log_every': 5,
+                                  'eval.evaluators': ('retrieval', 'zero_shot'),
+                                  'mesh.fsdp': 2, 'train.checkpoint_every': 7})
+    changed = resume.check_resume(saved, new, 10, '/w')
+    assert changed == {'train.steps': (100, 500), 'train.log_every': (10, 5),
+                       'eval.evaluators': (['retrieval'], ['retrieval', 'zero_shot']),
+                       'mesh.fsdp': (1, 2), 'train.checkpoint_every': (50, 7)}
+
+
+def test_a_deliberate_change_passes_when_named():
+    saved, new = saved_and_new(**{'optim.lr': 1e-4,
+                                  'train.resume_allow_changes': ('optim.lr',)})
+    assert resume.check_resume(saved, new, 10, '/w')['optim.lr'] == (1e-3, 1e-4)
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused():
+    saved, new = saved_and_new(**{'train.steps': 30})
+    with pytest.raises(ValueError, match=r'train.steps=30 is below .* \(40\)'):
+        resume.check_resume(saved, new, 40, '/w')
+
+
+def test_a_second_run_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    with workdir.WorkdirLock(tmp_path):
+        holder = json.loads((tmp_path / 'lock.json').read_text())
+        assert holder['pid'] == os.getpid() and holder['host'] == socket.gethostname()
+        with pytest.raises(workdir.WorkdirLocked, match=f'in use by pid {os.getpid()}'):
+            workdir.WorkdirLock(tmp_path).acquire()
+    assert not (tmp_path / 'lock.json').exists()
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    (tmp_path / 'lock.json').write_text(json.dumps({'host': socket.gethostname(),
+                                                    'pid': dead.pid, 'started': 'earlier'}))
+    with workdir.WorkdirLock(tmp_path) as lock:
+        assert lock.held
+    (tmp_path / 'lock.json').write_text(json.dumps({'host': 'another-host', 'pid': 1,
+                                                    'started': 'earlier'}))
+    with pytest.raises(workdir.WorkdirLocked, match='host another-host'):
+        workdir.WorkdirLock(tmp_path).acquire()
+
+
+def test_broken_embeddings_never_rank_above_chance(rng):
+    """Ties and NaN scores count as misses: a constant or NaN model retrieves nothing and
+    classifies nothing (chance or below), where counting `scores > best` gave it R@1 = 1."""
+    n, d = 50, 8
+    for broken in (np.full((n, d), np.nan, np.float32), np.ones((n, d), np.float32)):
+        result = retrieval_metrics(broken, broken)
+        assert result['i2t_R@1'] == result['t2i_R@1'] == 0.0
+        assert result['i2t_R@10'] == result['t2i_R@10'] == 0.0
+        top = zero_shot_metrics(broken, rng.integers(0, 10, n), broken[:10])
+        assert top['top1'] == 0.0 and top['top5'] == 0.0
+    good = rng.standard_normal((n, d)).astype(np.float32)
+    good /= np.linalg.norm(good, axis=1, keepdims=True)
+    assert retrieval_metrics(good, good)['i2t_R@1'] == 1.0
