@@ -59,12 +59,17 @@ done
 
 status=0
 for pid in "${pids[@]}"; do
-  if ! wait "$pid"; then
-    code=$?
-    if [ "$status" -eq 0 ]; then status=$code; cleanup; fi
+  code=0
+  wait "$pid" || code=$?
+  if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then
+    status=$code
+    # a preempted process (143) has checkpointed with the others: let them finish too
+    [ "$code" -eq 143 ] || cleanup
   fi
 done
-if [ "$status" -ne 0 ]; then
+if [ "$status" -eq 143 ]; then
+  echo "preempted (exit 143): checkpointed; run the same command again to resume" >&2
+elif [ "$status" -ne 0 ]; then
   echo "a process failed (exit $status); logs in $log_dir" >&2
   tail -n 20 "$log_dir"/process_*.log >&2 || true
 fi

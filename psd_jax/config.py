@@ -8,12 +8,13 @@ locked, so a mistyped key fails with the nearest valid one (ml_collections' mess
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import ml_collections
 
 from psd_jax import guard, losses, schedules, sharding, step
 from psd_jax.evaluation import run as evaluation
-from psd_jax.data import pipeline
+from psd_jax.data import builders, datasets, pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
 
 C = ml_collections.ConfigDict
@@ -174,6 +175,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     loss_config(config)  # LossConfig validates its own keys
     schedules.alpha_schedule(config.loss.alpha_schedule, config.loss.alpha_max,
                              config.train.steps, config.loss.alpha_start_step)
+
+
+def check_own_data(config: ml_collections.ConfigDict) -> None:
+    """For datasets read from the user's folders (the trainer calls this before preparing
+    them): the folder exists and the split names the config uses are the ones it gives."""
+    path = config.data.path
+    if config.data.dataset not in datasets.CONFIGS or not path or '://' in path:
+        return
+    _check(pathlib.Path(path).expanduser().is_dir(), 'data.path', f'{path} is not a directory')
+    splits = builders.expected_splits(path)
+    _check(config.data.train_split in splits, 'data.train_split',
+           f'{config.data.train_split!r}: the folders of {path} give the splits {splits}')
+    if set(config.eval.evaluators) & {'retrieval', 'zero_shot'}:
+        _check(config.eval.split in splits, 'eval.split',
+               f'{config.eval.split!r}: the folders of {path} give the splits {splits} '
+               '(val/ is called validation)')
 
 
 def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:

@@ -43,6 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         sharding.check_batch(config.data.global_batch, mesh, 'config.data.global_batch')
         logging.info('%s', sharding.describe(mesh))
         tokenizer = make_tokenizer(config)
+        config_lib.check_own_data(config)
         source = training_source(config)
         evaluation.check_evaluators(config)  # an evaluation error must not wait for the end
         setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
@@ -125,11 +126,11 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
     else:
         state, start, iterator = ckpt.restore_newest_readable(
             step.abstract_state(setup, shardings), lambda: data(0), check)
-        if iterator is None:
+        if iterator is None:  # per-host positions are for another split of the batches
             iterator = data(start)
-            logging.warning('checkpoint %d was written by another number of hosts than %d: '
-                            'the data restarts at global batch %d of the same order', start,
-                            jax.process_count(), start)
+            logging.warning('checkpoint written by %d hosts, resumed on %d: the data restarts '
+                            'at global batch %d of the same order',
+                            ckpt.saved_process_count(start), jax.process_count(), start)
         for key, (old, new) in changed.items():
             logging.info('config.%s changed since the checkpoint: %r -> %r', key, old, new)
         logging.info('resumed from step %d of %s', start, ckpt.directory)

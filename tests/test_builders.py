@@ -78,8 +78,12 @@ def test_image_text_shards_skip_and_count(shards, tmp_path):
     assert builder.info.splits['train'].num_examples == good['train']
     assert builder.info.splits['validation'].num_examples == good['validation']
     skipped = builder.info.metadata['skipped']
-    assert skipped['train'] == {'undecodable_image': 2, 'missing_caption': 1,
-                                'missing_image': 1, 'unreadable_shard': 0}
+    counts = {k: v for k, v in skipped['train'].items() if k != 'shards'}
+    assert counts == {'undecodable_image': 2, 'missing_caption': 1, 'missing_image': 1,
+                      'unreadable_shard': 0, 'truncated_shard': 0}
+    assert sorted(skipped['train']['shards']) == [  # the records involved, by shard
+        '00000.tar/00006: undecodable_image', '00000.tar/00007: missing_caption',
+        '00000.tar/00008: missing_image', '00001.tar/00005: undecodable_image']
     assert skipped['validation']['missing_caption'] == 1
     # the counts are stored with the dataset and come back when it is read again
     reread = tfds.builder('image_text_shards/tiny', data_dir=str(tmp_path))
@@ -105,6 +109,79 @@ def test_shard_builder_bad_paths_are_named(tmp_path):
         data_dir=str(tmp_path / 'out'))
     with pytest.raises(FileNotFoundError, match=r'no \.tar shards in .*empty'):
         empty.download_and_prepare(file_format='array_record')
+
+
+def write_pairs(path, n, rng):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, 'w') as tar:
+        for i in range(n):
+            add(tar, f'{i:05d}.jpg', image_bytes(rng))
+            add(tar, f'{i:05d}.txt', f'pair {i}'.encode())
+
+
+def test_a_truncated_shard_keeps_its_intact_pairs(tmp_path):
+    """A shard cut at 60%: every pair stored whole before the cut is kept, the shard named."""
+    rng = np.random.default_rng(2)
+    shard = tmp_path / 'cut' / '00000.tar'
+    write_pairs(shard, 20, rng)
+    with tarfile.open(shard) as tar:
+        ends = {m.name: m.offset_data + m.size for m in tar.getmembers()}
+    blob = shard.read_bytes()
+    cut = len(blob) * 6 // 10
+    shard.write_bytes(blob[:cut])
+    whole = sum(1 for i in range(20) if ends[f'{i:05d}.txt'] <= cut and ends[f'{i:05d}.jpg'] <= cut)
+    assert 0 < whole < 20
+    builder = builders.ImageTextShards(
+        config=builders.ImageTextShardsConfig(name='cut', path=str(tmp_path / 'cut')),
+        data_dir=str(tmp_path / 'out'))
+    builder.download_and_prepare(file_format='array_record')
+    assert builder.info.splits['train'].num_examples == whole
+    skipped = builder.info.metadata['skipped']['train']
+    assert skipped['truncated_shard'] == 1 and skipped['shards'][0].startswith('00000.tar: ')
+
+
+def test_a_folder_without_a_usable_pair_is_named(tmp_path):
+    folder = tmp_path / 'bad'
+    folder.mkdir()
+    with tarfile.open(folder / '00000.tar', 'w') as tar:
+        add(tar, '00000.jpg', b'not an image')
+        add(tar, '00000.txt', b'a caption')
+    builder = builders.ImageTextShards(
+        config=builders.ImageTextShardsConfig(name='bad', path=str(folder)),
+        data_dir=str(tmp_path / 'out'))
+    with pytest.raises(ValueError, match=r"bad \(split 'train'\) has no usable .*"
+                                         r"'undecodable_image': 1"):
+        builder.download_and_prepare(file_format='array_record')
+
+
+def test_a_re_pointed_path_or_changed_shards_are_prepared_again(tmp_path):
+    from psd_jax.data import datasets
+    rng = np.random.default_rng(3)
+    write_pairs(tmp_path / 'first' / '00000.tar', 3, rng)
+    write_pairs(tmp_path / 'second' / '00000.tar', 5, rng)
+    out = tmp_path / 'tfds'
+    sizes = []
+    for path in ('first', 'first', 'second'):
+        builder = datasets.prepare('image_text_shards', out, 'mine', str(tmp_path / path))
+        sizes.append(builder.info.splits['train'].num_examples)
+    write_pairs(tmp_path / 'second' / '00001.tar', 2, rng)  # a shard added
+    builder = datasets.prepare('image_text_shards', out, 'mine', str(tmp_path / 'second'))
+    sizes.append(builder.info.splits['train'].num_examples)
+    assert sizes == [3, 3, 5, 7]
+    source = dict(builder.info.metadata)['source']
+    assert source['path'] == str((tmp_path / 'second').resolve()) and source['files'] == 2
+
+
+def test_prepare_command_takes_a_path(tmp_path, capsys):
+    from psd_jax.data import datasets
+    write_pairs(tmp_path / 'mine' / 'train' / '00000.tar', 2, np.random.default_rng(4))
+    datasets.main(['image_text_shards', '--path', str(tmp_path / 'mine'), '--config', 'mine',
+                   '--data_dir', str(tmp_path / 'tfds')])
+    assert "image_text_shards: {'train': 2}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        datasets.main(['image_text_shards', '--path', str(tmp_path / 'absent'),
+                       '--data_dir', str(tmp_path / 'tfds')])
+    assert exit_info.value.code == 2
 
 
 def test_image_folder_classification(tmp_path):

@@ -96,3 +96,49 @@ def test_broken_embeddings_never_rank_above_chance(rng):
     good = rng.standard_normal((n, d)).astype(np.float32)
     good /= np.linalg.norm(good, axis=1, keepdims=True)
     assert retrieval_metrics(good, good)['i2t_R@1'] == 1.0
+
+
+def test_a_failing_evaluator_keeps_the_results_of_the_others(monkeypatch):
+    from psd_jax.evaluation import run as evaluation
+
+    def broken(*args):
+        raise ValueError('the probe data is unreadable')
+
+    monkeypatch.setitem(evaluation.EVALUATORS, 'retrieval', lambda *a: {'i2t_R@1': 0.25})
+    monkeypatch.setitem(evaluation.EVALUATORS, 'linear_probe', broken)
+    config = config_lib.base_config()
+    config.eval.evaluators = ('linear_probe', 'retrieval')
+    with pytest.raises(evaluation.EvaluationFailed, match='linear_probe: the probe data') as e:
+        evaluation.run_evaluators(config, None, None, None, None)
+    assert e.value.partial == {'eval/retrieval/i2t_R@1': 0.25}
+
+
+def test_evaluators_refuse_non_finite_embeddings(rng):
+    from psd_jax.evaluation import run as evaluation
+
+    good = rng.standard_normal((6, 4))
+    evaluation.check_finite({'image': good, 'text': good}, 'emoji split twitter')
+    bad = good.copy()
+    bad[2, 1] = np.nan
+    bad[4, 0] = np.inf
+    with pytest.raises(evaluation.NonFiniteEmbeddings, match='twitter: 2 of 6 text'):
+        evaluation.check_finite({'image': good, 'text': bad}, 'emoji split twitter')
+
+
+def test_own_data_split_names_are_checked_before_anything_is_prepared(tmp_path):
+    (tmp_path / 'mine' / 'train').mkdir(parents=True)
+    (tmp_path / 'mine' / 'val').mkdir()
+    config = config_lib.base_config()  # the emoji splits: google / twitter
+    config.data.dataset = 'image_text_shards'
+    config.data.path = str(tmp_path / 'mine')
+    with pytest.raises(ValueError, match=r"config.data.train_split: 'google': .* give the "
+                                         r"splits \['train', 'validation'\]"):
+        config_lib.check_own_data(config)
+    config.data.train_split = 'train'
+    with pytest.raises(ValueError, match=r"config.eval.split: 'twitter'"):
+        config_lib.check_own_data(config)
+    config.eval.split = 'validation'
+    config_lib.check_own_data(config)
+    config.data.path = str(tmp_path / 'nothing')
+    with pytest.raises(ValueError, match='config.data.path: .*nothing is not a directory'):
+        config_lib.check_own_data(config)

@@ -153,6 +153,12 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     ('--config.optim.lr=fast', 'could not convert string to float'),
     ('--config.data.global_batch=12', 'config.data.global_batch size 12 does not divide'),
     ('--config.loss.psd.teacher=momentum', "psd.teacher='momentum' is not known"),
+    ('--config.train.checkpoint_every=0', 'config.train.checkpoint_every: 0: must be >= 1'),
+    ('--config.train.keep_checkpoints=0', 'config.train.keep_checkpoints: 0: must be >= 1'),
+    ("--config.eval.evaluators=('retrieval','zeroshot')",
+     "config.eval.evaluators: 'zeroshot' is not known"),
+    ('--config.train.nonfinite=ignore', "config.train.nonfinite: 'ignore' is not one of"),
+    ('--config.data.dataset=image_text_shards', 'set --config.data.path'),
 ])
 def test_config_errors_are_one_line(tmp_path, override, expected):
     result = run(tmp_path / 'bad', override, timeout=120)

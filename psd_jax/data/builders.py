@@ -89,51 +89,95 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
                 raise FileNotFoundError(f'image_text_shards: no .tar shards in {folder} '
                                         f'(split {split!r})')
         self.info.metadata['skipped'] = {}
+        self.info.metadata['source'] = source_fingerprint(str(root))
         return {split: self._generate_examples(split, folder) for split, folder in splits.items()}
 
     def _generate_examples(self, split: str, folder: pathlib.Path) -> Iterator:
         skipped = {'undecodable_image': 0, 'missing_caption': 0, 'missing_image': 0,
-                   'unreadable_shard': 0}
+                   'unreadable_shard': 0, 'truncated_shard': 0, 'shards': []}
         self.info.metadata['skipped'][split] = skipped
+        kept = 0
         for shard in sorted(folder.glob('*.tar')):
-            try:
-                groups = _read_shard(shard)
-            except (tarfile.TarError, OSError):
-                skipped['unreadable_shard'] += 1
-                continue
+            groups, damage = _read_shard(shard)
+            if damage:
+                skipped['unreadable_shard' if not groups else 'truncated_shard'] += 1
+                skipped['shards'].append(f'{shard.name}: {damage}')
             for key, files in groups.items():
                 image = next((files[s] for s in IMAGE_SUFFIXES if s in files), None)
                 caption = files.get('.txt', b'').decode('utf-8', 'replace').strip()
-                if image is None:
-                    skipped['missing_image'] += 1
-                    continue
-                if not caption:
-                    skipped['missing_caption'] += 1
-                    continue
-                checked = checked_image(image)
-                if checked is None:
-                    skipped['undecodable_image'] += 1
+                reason = ('missing_image' if image is None else 'missing_caption'
+                          if not caption else None)
+                checked = checked_image(image) if reason is None else None
+                if reason is None and checked is None:
+                    reason = 'undecodable_image'
+                if reason is not None:
+                    skipped[reason] += 1
+                    if len(skipped['shards']) < 20:
+                        skipped['shards'].append(f'{shard.name}/{key}: {reason}')
                     continue
                 meta = files.get('.json', b'{}').decode('utf-8', 'replace')
                 uid = f'{shard.stem}/{key}'
+                kept += 1
                 yield uid, {'image': checked, 'caption': caption, 'key': uid, 'json': meta}
+        if not kept:
+            counts = {k: v for k, v in skipped.items() if k != 'shards' and v}
+            raise ValueError(f'image_text_shards: {folder} (split {split!r}) has no usable '
+                             f'image-caption pair; skipped {counts}: {skipped["shards"][:5]}')
 
 
-def _read_shard(shard: pathlib.Path) -> dict[str, dict[str, bytes]]:
-    """{key: {suffix: bytes}} of one tar shard (webdataset: files grouped by their stem)."""
+def _read_shard(shard: pathlib.Path) -> tuple[dict[str, dict[str, bytes]], str]:
+    """({key: {suffix: bytes}}, damage) of one tar shard (webdataset: files grouped by their
+    stem). A shard damaged part-way (truncated, overwritten) keeps every file read whole before
+    the damage (a pair missing its image or caption is then skipped as such), and `damage`
+    says what failed ('' for an intact shard)."""
     groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name
-            base = name.rsplit('/', 1)[-1]
-            if '.' not in base:
-                continue
-            stem, suffix = base.split('.', 1)
-            key = name[:len(name) - len(base)] + stem
-            groups.setdefault(key, {})['.' + suffix.lower()] = tar.extractfile(member).read()
-    return groups
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name
+                base = name.rsplit('/', 1)[-1]
+                if '.' not in base:
+                    continue
+                stem, suffix = base.split('.', 1)
+                key = name[:len(name) - len(base)] + stem
+                groups.setdefault(key, {})['.' + suffix.lower()] = tar.extractfile(
+                    member).read()
+            end = tar.offset
+    except (tarfile.TarError, OSError, EOFError) as e:  # members read so far are whole
+        return groups, f'{type(e).__name__}: {e}'
+    with open(shard, 'rb') as f:  # a cut at a member boundary reads as a shorter archive:
+        f.seek(end)               # an intact one ends with at least two zero blocks
+        rest = f.read()
+    if len(rest) < 2 * tarfile.BLOCKSIZE or rest.strip(b'\0'):
+        return groups, f'truncated or damaged after byte {end}: no end-of-archive marker'
+    return groups, ''
+
+
+def source_fingerprint(path: str) -> dict:
+    """{'path', 'files', 'fingerprint'} of a path-based dataset's source: every file's name,
+    size and modification time, hashed, so that a re-pointed path or changed shards are
+    noticed and the dataset prepared again."""
+    import hashlib
+    root = pathlib.Path(path).expanduser().resolve()
+    digest = hashlib.sha256()
+    count = 0
+    for file in sorted(p for p in root.rglob('*') if p.is_file()):
+        stat = file.stat()
+        digest.update(f'{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n'
+                      .encode())
+        count += 1
+    return {'path': str(root), 'files': count, 'fingerprint': digest.hexdigest()}
+
+
+def expected_splits(path: str) -> list[str]:
+    """The split names a path-based dataset at `path` will have (its train/, val/ ->
+    validation, test/ sub-folders, else one 'train' split), known before preparing it."""
+    root = pathlib.Path(path).expanduser()
+    found = [('validation' if d == 'val' else d) for d in ('train', 'validation', 'val', 'test')
+             if (root / d).is_dir()]
+    return found or ['train']
 
 
 class ImageFolderConfig(tfds.core.BuilderConfig):
@@ -184,6 +228,7 @@ class ImageFolderClassification(tfds.core.GeneratorBasedBuilder):
         del dl_manager
         splits, classes = self._layout()
         self.info.metadata['skipped'] = {}
+        self.info.metadata['source'] = source_fingerprint(self.builder_config.path)
         return {split: self._generate_examples(split, folder, classes)
                 for split, folder in splits.items()}
 

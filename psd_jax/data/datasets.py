@@ -1,6 +1,7 @@
 """The project's datasets by name: prepare them (once) to ArrayRecord and open data sources.
 
     python -m psd_jax.data.datasets emoji fashion_mnist_local   # prepare into the cache
+    python -m psd_jax.data.datasets image_text_shards --path /data/mine --config mine
 
 Prepared data lives in `<data_dir>` (default `$PSD_JAX_CACHE/tfds`). Reading goes through
 `tfds.data_source`, which needs no TensorFlow.
@@ -8,11 +9,13 @@ Prepared data lives in `<data_dir>` (default `$PSD_JAX_CACHE/tfds`). Reading goe
 
 from __future__ import annotations
 
+import argparse
 import pathlib
-import sys
+import shutil
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from psd_jax.data import builders, fetch
 from psd_jax.data.emoji import Emoji
@@ -56,8 +59,36 @@ def prepare(name: str, data_dir: str | pathlib.Path | None = None, config: str |
     elif config is not None:
         kwargs['config'] = config
     builder = BUILDERS[name](**kwargs)
+    if path is not None and builder.is_prepared():
+        recorded = dict(builder.info.metadata).get('source')
+        current = builders.source_fingerprint(path)
+        if recorded != current:
+            logging.warning('%s/%s in %s was prepared from %s; its source is now %s (%d files, '
+                            'fingerprint %s...): preparing it again', name, kwargs['config'].name,
+                            data_dir, _describe(recorded), current['path'], current['files'],
+                            current['fingerprint'][:12])
+            shutil.rmtree(builder.data_dir)
+            builder = BUILDERS[name](**kwargs)
     builder.download_and_prepare(file_format='array_record')
+    report_skipped(builder)
     return builder
+
+
+def _describe(source: dict | None) -> str:
+    if not source:
+        return 'an unrecorded source'
+    return (f"{source['path']} ({source['files']} files, fingerprint "
+            f"{source['fingerprint'][:12]}...)")
+
+
+def report_skipped(builder: tfds.core.DatasetBuilder) -> None:
+    """One warning per split that lost records at preparation: the counts and the first
+    shards or records involved (stored in the dataset's metadata)."""
+    for split, counts in (dict(builder.info.metadata).get('skipped') or {}).items():
+        lost = {k: v for k, v in counts.items() if k != 'shards' and v}
+        if lost:
+            logging.warning('%s split %r: skipped at preparation %s; e.g. %s', builder.name,
+                            split, lost, counts.get('shards', [])[:5])
 
 
 def data_source(name: str, split: str, data_dir: str | pathlib.Path | None = None) -> Any:
@@ -84,13 +115,24 @@ def data_source(name: str, split: str, data_dir: str | pathlib.Path | None = Non
     return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
-def main(argv: list[str]) -> None:
-    names = argv or ['emoji']
-    for name in names:
-        builder = prepare(name)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description='Prepare datasets into the cache (or --data_dir) as ArrayRecord.')
+    parser.add_argument('names', nargs='*', default=['emoji'], help=f'of {sorted(BUILDERS)}')
+    parser.add_argument('--path', help='your files, for the path-based datasets '
+                        f'{sorted(CONFIGS)}')
+    parser.add_argument('--config', help="the builder config's name (the path-based datasets: "
+                        "a name for your data, used as --config.data.builder_config)")
+    parser.add_argument('--data_dir', help='where prepared data goes (default: the cache)')
+    args = parser.parse_args(argv)
+    for name in args.names:
+        try:
+            builder = prepare(name, args.data_dir, args.config, args.path)
+        except (ValueError, FileNotFoundError) as e:
+            parser.exit(2, f'error: {e}\n')
         splits = {k: v.num_examples for k, v in builder.info.splits.items()}
         print(f'{name}: {splits} in {builder.data_dir}')
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    main()
