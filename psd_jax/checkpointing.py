@@ -55,7 +55,12 @@ class CorruptCheckpoint(ValueError):
 
 
 class Checkpointer:
-    """Save / restore {state, data iterator, config} under `<workdir>/checkpoints`."""
+    """Save / restore {state, data iterator, config} under `<workdir>/checkpoints`.
+
+    Retention is ours, not Orbax's: the newest `max_to_keep` checkpoints (and every
+    `keep_every`-th step) are kept, and older ones are deleted only once the newest has been
+    committed and reads back (its config and its fingerprint), so a save that fails or is
+    damaged never costs the checkpoint before it."""
 
     def __init__(self, workdir: str | epath.PathLike, max_to_keep: int = 3, keep_every: int = 0,
                  asynchronous: bool = True):
@@ -63,9 +68,9 @@ class Checkpointer:
         if '://' not in str(workdir):
             workdir = epath.Path(os.path.abspath(workdir))
         self.directory = workdir / 'checkpoints'
+        self.max_to_keep, self.keep_every = max_to_keep, keep_every
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, keep_period=keep_every or None,
-            enable_async_checkpointing=asynchronous, create=True)
+            max_to_keep=None, enable_async_checkpointing=asynchronous, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=('state', 'data', 'config', 'hosts',
                                                          'integrity'))
@@ -75,7 +80,11 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, iterator: Any, config: dict,
              force: bool = False) -> bool:
-        """Start an (asynchronous) save of this step; returns whether one was started."""
+        """Start an (asynchronous) save of this step; returns whether one was started. The
+        previous save has committed by then (Orbax waits for it): older checkpoints are pruned
+        first if it reads back."""
+        self.manager.wait_until_finished()
+        self.prune()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_saveable(state)),
             data=grain.PyGrainCheckpointSave(iterator),
@@ -191,8 +200,32 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def prune(self) -> list[int]:
+        """Delete the checkpoints retention no longer keeps, provided the newest one reads
+        back; returns the steps deleted (process 0 decides, every host deletes through
+        Orbax)."""
+        steps = sorted(self.manager.all_steps())
+        keep = set(steps[-self.max_to_keep:])
+        keep |= {s for s in steps if self.keep_every and s % self.keep_every == 0}
+        doomed = [s for s in steps if s not in keep]
+        if not doomed:
+            return []
+        try:
+            self.restore_config(steps[-1])
+            if (self.directory / str(steps[-1]) / 'integrity').exists():
+                self.manager.restore(steps[-1], args=ocp.args.Composite(
+                    integrity=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            logging.warning('checkpoint %d does not read back (%s): keeping the older ones %s',
+                            steps[-1], e, doomed)
+            return []
+        for step in doomed:
+            self.manager.delete(step)
+        return doomed
+
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self.prune()
         self.manager.close()
 
 

@@ -268,7 +268,8 @@ class Loop:
             failure = None
         except evaluation.EvaluationFailed as e:
             final, failure = e.partial, e
-        self.writer.write(steps, final)
+        if final:
+            self.writer.write(steps, final)
         result = {**self.last, **final}
         if jax.process_index() == 0:
             (self.workdir / 'final_metrics.json').write_text(json.dumps(result, indent=1))

@@ -154,3 +154,19 @@ def test_damaged_metrics_lines_are_skipped_and_a_resume_logs_each_step_once(tmp_
     writer.close()
     records = metrics.read_metrics(path, merge=False)
     assert [(r['step'], r['loss']) for r in records] == [(2, 0.5), (4, 0.25), (6, 0.5)]
+
+
+def test_older_checkpoints_are_deleted_only_once_the_newest_reads_back(tmp_path, finished_run):
+    from psd_jax import checkpointing
+
+    workdir = tmp_path / 'run'
+    shutil.copytree(finished_run, workdir)
+    (workdir / 'checkpoints' / '6' / 'config' / 'metadata').write_text('')  # damaged newest
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1)
+    assert ckpt.prune() == [] and ckpt.manager.all_steps() == [2, 4, 6]
+    ckpt.close()
+    shutil.rmtree(workdir)
+    shutil.copytree(finished_run, workdir)
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1, keep_every=4)
+    assert ckpt.prune() == [2] and sorted(ckpt.manager.all_steps()) == [4, 6]
+    ckpt.close()
