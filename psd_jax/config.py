@@ -21,9 +21,10 @@ C = ml_collections.ConfigDict
 
 
 def loss_defaults() -> dict:
-    """config.loss.psd's keys and defaults: the fields of losses.LossConfig but `kind`."""
+    """config.loss.psd's keys and defaults: LossConfig's fields but kind, impl and tile."""
     fields = dataclasses.asdict(losses.LossConfig())
-    del fields['kind']
+    for key in ('kind', 'impl', 'tile'):  # config.loss's own keys
+        del fields[key]
     return fields
 
 
@@ -65,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ramped linearly to 0.5. The psd keys, their defaults and allowed values are
     # losses.LossConfig's (teacher: same_pass | second_pass | ema | bank | previous_step).
     config.loss.psd = C(loss_defaults())
+    # all_gather: b x B slabs per device; ring: b x tile tiles (very large global batches)
+    config.loss.impl = 'all_gather'
+    config.loss.tile = 0  # the ring's tile width, dividing the per-device batch; 0: all of it
     config.loss.alpha_schedule = 'linear'  # linear | cosine | constant
     config.loss.alpha_max = 0.5
     config.loss.alpha_start_step = 0
@@ -203,7 +207,8 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
-    return losses.LossConfig.from_mapping(config.loss.kind, config.loss.psd.to_dict())
+    return losses.LossConfig.from_mapping(config.loss.kind, config.loss.psd.to_dict(),
+                                          config.loss.impl, config.loss.tile)
 
 
 def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -> step.StepSetup:

@@ -20,7 +20,7 @@ MAY_CHANGE = (
     'train.steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
     'train.keep_every', 'train.eval_every', 'train.transfer_guard', 'train.nonfinite',
     'train.nonfinite_limit', 'train.resume_allow_changes', 'eval.', 'metrics.', 'mesh.',
-    'param_sharding',
+    'param_sharding', 'loss.impl', 'loss.tile',  # the same loss, computed another way
 )
 
 

@@ -235,15 +235,17 @@ def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
                  subset: jax.Array | None, alpha: jax.Array) -> tuple[jax.Array, dict]:
     """Dispatch on the loss kind. out: the model's outputs for the batch; subset: (B,) bool."""
     cfg, mesh = setup.loss, setup.mesh
+    impl = {'impl': cfg.impl, 'tile': cfg.tile}
     if cfg.kind == 'sigmoid':
         return losses.sigmoid_loss(out['image'], out['text'], out['logit_scale'],
-                                   out['logit_bias'], mesh=mesh)
+                                   out['logit_bias'], mesh=mesh, **impl)
     if cfg.kind == 'clip':
-        return losses.clip_loss(out['image'], out['text'], out['logit_scale'], mesh=mesh)
+        return losses.clip_loss(out['image'], out['text'], out['logit_scale'], mesh=mesh, **impl)
     return losses.psd_loss(
         out['image'], out['text'], out['logit_scale'], mesh=mesh,
         subset=subset, alpha=alpha, teacher=teacher,
-        teacher_temperature=cfg.teacher_temperature, teacher_diagonal=cfg.teacher_diagonal)
+        teacher_temperature=cfg.teacher_temperature, teacher_diagonal=cfg.teacher_diagonal,
+        **impl)
 
 
 def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:

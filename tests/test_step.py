@@ -61,6 +61,9 @@ CASES = {
                         'data2_fsdp2_model2'),
     'psd_bank/fsdp_tp': ('tiny', losses.LossConfig(teacher='bank', teacher_temperature=1.0),
                          'fsdp_tp', 'data2_fsdp2_model2'),
+    # the ring loss (b x 2 tiles) inside the step
+    'psd_ema_ring/fsdp_tp': ('tiny', losses.LossConfig(teacher='ema', impl='ring', tile=2),
+                             'fsdp_tp', 'data2_fsdp2_model2'),
     'psd_previous_step/fsdp': ('tiny', losses.LossConfig(teacher='previous_step',
                                                          subset_fraction=0.25), 'fsdp',
                                'data2_fsdp4'),

@@ -1,4 +1,5 @@
-"""CLIP, Progressive Self-Distillation (PSD) and sigmoid losses over a sharded similarity matrix.
+"""CLIP, Progressive Self-Distillation (PSD) and sigmoid losses over a sharded similarity matrix
+(LossConfig, Teacher and the subset live in config.py, the ring's arithmetic in ring.py).
 
 All losses take L2-normalised image embeddings `image` (B, D) and text embeddings `text` (B, D),
 sharded over the mesh's data axes, and the raw `logit_scale` parameter (t = exp(logit_scale),
@@ -17,157 +18,18 @@ cross-entropy against the teacher distribution over the subset's rows and column
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from psd_jax import sharding as shd
+from psd_jax.losses import ring
+from psd_jax.losses.config import DIAGONAL_MODES, LOSS_IMPLS, Teacher
 from psd_jax.models.clip import logit_scale_value
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-LOSS_KINDS = ('clip', 'psd', 'sigmoid')
-TEACHERS = ('same_pass', 'second_pass', 'ema', 'bank', 'previous_step')
-DIAGONAL_MODES = ('keep', 'remove')
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """What the training loss is. Validated on construction (ValueError naming the key).
-
-    kind: 'clip' | 'psd' | 'sigmoid'.
-    subset_fraction: fraction of each global batch whose rows/columns get soft targets (PSD).
-    teacher: 'same_pass' (this step's logits, no added compute), 'second_pass' (a stop-gradient
-      forward of the same parameters over the subset on the teacher view), 'ema' (the same with
-      EMA parameters) or 'bank' (each pair's embeddings from its previous visit, kept in the
-      train state: a teacher from an earlier point of training at no added compute; pairs seen
-      for the first time keep one-hot targets) or 'previous_step' (as DLB: the first
-      round(subset_fraction B) pairs of each batch repeat pairs of the previous batch, and the
-      previous step's embeddings of them are the teacher among them: no added compute;
-      subset_fraction <= 0.5).
-    teacher_temperature: teacher softmax temperature relative to the student's (teacher logits
-      are the teacher's scaled similarities divided by this).
-    teacher_diagonal: 'keep' or 'remove' (drop the matching pair from the teacher distribution and
-      renormalise over the others).
-    ema_momentum: decay of the EMA parameters (teacher='ema').
-    allow_degenerate: accept teacher='same_pass' with temperature 1 and the diagonal kept, which
-      is CLIP with its gradient scaled by (1 - a) (only for tests and ablations).
-    """
-    # The defaults are the setting the PSD-vs-CLIP sweep chose (docs/results/psd_vs_clip.md);
-    # config.base_config() reads them from here.
-    kind: str = 'psd'
-    subset_fraction: float = 0.5
-    teacher: str = 'ema'
-    teacher_temperature: float = 2.0
-    teacher_diagonal: str = 'keep'
-    ema_momentum: float = 0.99
-    allow_degenerate: bool = False
-
-    def __post_init__(self):
-        if self.kind not in LOSS_KINDS:
-            raise ValueError(f'loss.kind={self.kind!r} is not known; allowed: {list(LOSS_KINDS)}')
-        if self.teacher not in TEACHERS:
-            raise ValueError(f'psd.teacher={self.teacher!r} is not known; allowed: '
-                             f'{list(TEACHERS)}')
-        if self.teacher_diagonal not in DIAGONAL_MODES:
-            raise ValueError(f'psd.teacher_diagonal={self.teacher_diagonal!r} is not known; '
-                             f'allowed: {list(DIAGONAL_MODES)}')
-        check_fraction(self.subset_fraction)
-        if self.teacher == 'previous_step' and self.subset_fraction > 0.5:
-            raise ValueError(f"psd.subset_fraction={self.subset_fraction}: psd.teacher="
-                             "'previous_step' repeats that fraction of each batch in the next "
-                             "one, which needs a fraction <= 0.5")
-        if not self.teacher_temperature > 0:
-            raise ValueError(f'psd.teacher_temperature={self.teacher_temperature} must be > 0')
-        if not 0.0 <= self.ema_momentum < 1.0:
-            raise ValueError(f'psd.ema_momentum={self.ema_momentum} must be in [0, 1)')
-        if self.kind == 'psd' and self.is_degenerate and not self.allow_degenerate:
-            raise ValueError(
-                "psd.teacher='same_pass' with psd.teacher_temperature=1 and "
-                "psd.teacher_diagonal='keep' is degenerate: the soft-target gradient is then "
-                "(1 - a) times the CLIP gradient, with no many-to-many signal. Use a teacher "
-                "temperature other than 1, teacher_diagonal='remove', or another teacher "
-                "(second_pass, ema); set psd.allow_degenerate=True only to study this case.")
-
-    @property
-    def is_degenerate(self) -> bool:
-        return (self.teacher == 'same_pass' and self.teacher_temperature == 1.0
-                and self.teacher_diagonal == 'keep')
-
-    @property
-    def needs_teacher_forward(self) -> bool:
-        return self.kind == 'psd' and self.teacher in ('second_pass', 'ema')
-
-    @property
-    def needs_bank(self) -> bool:
-        """Whether the train state keeps an embedding bank (and batches carry 'index')."""
-        return self.kind == 'psd' and self.teacher == 'bank'
-
-    @property
-    def needs_index(self) -> bool:
-        """Whether batches carry 'index' (dataset positions): the bank and previous-step
-        teachers find a pair's earlier embeddings by it."""
-        return self.kind == 'psd' and self.teacher in ('bank', 'previous_step')
-
-    @property
-    def needs_carry(self) -> bool:
-        """Whether the train state keeps the last step's embeddings of the repeated pairs."""
-        return self.kind == 'psd' and self.teacher == 'previous_step'
-
-    def carried_pairs(self, batch_size: int) -> int:
-        """Pairs of each global batch repeated from the previous one (previous-step teacher)."""
-        if not self.needs_carry:
-            return 0
-        return subset_size(batch_size, self.subset_fraction)
-
-    @classmethod
-    def from_mapping(cls, kind: str, psd: Mapping[str, Any] | None = None) -> 'LossConfig':
-        """Build from a config section, rejecting unknown keys by name."""
-        psd = dict(psd or {})
-        fields = {f.name for f in dataclasses.fields(cls)} - {'kind'}
-        unknown = sorted(set(psd) - fields)
-        if unknown:
-            raise ValueError(f'psd keys {unknown} are not known; allowed: {sorted(fields)}')
-        return cls(kind=kind, **psd)
-
-
-class Teacher(NamedTuple):
-    """Teacher embeddings for a second pass or EMA parameters.
-
-    image, text: (B, D) unit-norm, rows outside the subset may hold anything (they are masked);
-    logit_scale: the teacher's raw logit scale; column_mask: (B,) bool, which items the teacher
-    saw (the subset). A teacher of None means the same pass (this step's own embeddings).
-    """
-    image: jax.Array
-    text: jax.Array
-    logit_scale: jax.Array
-    column_mask: jax.Array
-
-
-def check_fraction(fraction: float) -> None:
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f'psd.subset_fraction={fraction} must be in [0, 1]')
-
-
-def subset_size(batch_size: int, fraction: float) -> int:
-    """Number of items of a global batch that get soft targets."""
-    check_fraction(fraction)
-    return int(round(batch_size * fraction))
-
-
-def subset_indices(rng: jax.Array, batch_size: int, fraction: float) -> jax.Array:
-    """Sorted global indices (k,) of a uniformly random subset of the batch, k = round(f B)."""
-    k = subset_size(batch_size, fraction)
-    return jnp.sort(jax.random.permutation(rng, batch_size)[:k])
-
-
-def subset_mask(indices: jax.Array, batch_size: int) -> jax.Array:
-    """(B,) bool mask of `indices`."""
-    return jnp.zeros((batch_size,), bool).at[indices].set(True)
 
 
 def _check_embeddings(image: jax.Array, text: jax.Array, mesh: Mesh) -> None:
@@ -274,8 +136,10 @@ def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
 
 
 def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_columns, *,
-                 axes, batch_size, with_teacher, same_pass, remove_diagonal, inv_temperature):
-    """Body run on each device: local (b, D) embeddings, replicated scalars and (B,) masks."""
+                 axes, batch_size, with_teacher, same_pass, remove_diagonal, inv_temperature,
+                 n, tile):
+    """Body run on each device: local (b, D) embeddings, replicated scalars and (B,) masks.
+    tile 0: the all_gather slabs; else the ring over the n data shards with b x tile tiles."""
     b = image.shape[0]
     offset = _shard_offset(axes, b)
     positives = offset + jnp.arange(b)
@@ -287,14 +151,22 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
     if axes:  # the scale enters every device's slab: its gradient is summed over devices
         t = jax.lax.pcast(t, axes, to='varying')
     ts = logit_scale_value(t_scale)
-    teacher_text, teacher_image = t_text, t_image  # placeholders unless a teacher pass ran
-    if with_teacher and not same_pass:
-        teacher_text, teacher_image = _gather(t_text, axes), _gather(t_image, axes)
-    slab_losses = _slab_losses(with_teacher, same_pass, remove_diagonal, inv_temperature)
-    loss_r, hard_r, soft_r = slab_losses(image, _gather(text, axes), t, positives, weight,
-                                         t_columns, t_image, teacher_text, ts)
-    loss_c, hard_c, soft_c = slab_losses(text, _gather(image, axes), t, positives, weight,
-                                         t_columns, t_text, teacher_image, ts)
+    if tile:  # ring: the other modality's local block circulates, teachers' included
+        rows = ring.softmax_rows(axes, n, tile, with_teacher, same_pass, remove_diagonal,
+                                 inv_temperature)
+        loss_r, hard_r, soft_r = rows(image, text, t, positives, weight, t_columns, t_image,
+                                      t_text, ts)
+        loss_c, hard_c, soft_c = rows(text, image, t, positives, weight, t_columns, t_text,
+                                      t_image, ts)
+    else:
+        teacher_text, teacher_image = t_text, t_image  # placeholders unless a teacher ran
+        if with_teacher and not same_pass:
+            teacher_text, teacher_image = _gather(t_text, axes), _gather(t_image, axes)
+        slab_losses = _slab_losses(with_teacher, same_pass, remove_diagonal, inv_temperature)
+        loss_r, hard_r, soft_r = slab_losses(image, _gather(text, axes), t, positives, weight,
+                                             t_columns, t_image, teacher_text, ts)
+        loss_c, hard_c, soft_c = slab_losses(text, _gather(image, axes), t, positives, weight,
+                                             t_columns, t_text, teacher_image, ts)
     total = _psum(jnp.sum(loss_r) + jnp.sum(loss_c), axes) / (2 * batch_size)
     clip = _psum(jnp.sum(hard_r) + jnp.sum(hard_c), axes) / (2 * batch_size)
     n_subset = _psum(jnp.sum(local_subset), axes)
@@ -306,14 +178,16 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
 def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
              subset: jax.Array | None = None, alpha: float | jax.Array = 0.0,
              teacher: Teacher | None = None, teacher_temperature: float | None = None,
-             teacher_diagonal: str = 'keep') -> tuple[jax.Array, dict[str, jax.Array]]:
+             teacher_diagonal: str = 'keep', impl: str = 'all_gather',
+             tile: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The PSD contrastive loss; CLIP when `subset` is None.
 
     image, text: (B, D) unit-norm embeddings sharded over the data axes; logit_scale: scalar;
     subset: (B,) bool, the items whose row and column get soft targets; alpha: the mixing weight
     a; teacher: None for the same pass, else a `Teacher` (second pass / EMA);
     teacher_temperature: relative to the student's, required with a subset (LossConfig holds
-    the configured default). Returns (scalar loss, parts).
+    the configured default); impl: 'all_gather' (b x B slabs per device) or 'ring' (b x tile
+    tiles; tile 0: the whole per-device block). Returns (scalar loss, parts).
     """
     _check_embeddings(image, text, mesh)
     if teacher_diagonal not in DIAGONAL_MODES:
@@ -342,11 +216,13 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     if same_pass:
         teacher = Teacher(jnp.zeros_like(image), jnp.zeros_like(text), zero,
                           jnp.ones((batch_size,), bool))
+    n = shd.data_size(mesh)
+    ring_tile = _ring_tile(impl, tile, batch_size // n)
     body = jax.shard_map(
         lambda *a: _contrastive(
             *a, axes=axes, batch_size=batch_size, with_teacher=with_teacher, same_pass=same_pass,
             remove_diagonal=teacher_diagonal == 'remove',
-            inv_temperature=1.0 / teacher_temperature),
+            inv_temperature=1.0 / teacher_temperature, n=n, tile=ring_tile),
         mesh=mesh,
         in_specs=(rows, rows, P(), P(), P(), rows, rows, P(), P()),
         out_specs=(P(), {'clip': P(), 'distill': P(), 'subset_size': P()}))
@@ -359,15 +235,28 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     return loss, parts
 
 
-def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *,
-              mesh: Mesh) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _ring_tile(impl: str, tile: int, per_device: int) -> int:
+    """0 for the all_gather implementation, else the ring's tile width (checked)."""
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f'loss.impl={impl!r} is not known; allowed: {list(LOSS_IMPLS)}')
+    return ring.check_tile(tile, per_device) if impl == 'ring' else 0
+
+
+def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
+              impl: str = 'all_gather', tile: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CLIP InfoNCE, both directions over the global batch: (B, D), (B, D), scalar -> loss."""
-    return psd_loss(image, text, logit_scale, mesh=mesh)
+    return psd_loss(image, text, logit_scale, mesh=mesh, impl=impl, tile=tile)
 
 
-def _sigmoid(image, text, scale, bias, *, axes):
+def _sigmoid(image, text, scale, bias, *, axes, n, tile):
     b = image.shape[0]
     positives = _shard_offset(axes, b) + jnp.arange(b)
+    if tile:
+        t = logit_scale_value(scale)
+        if axes:  # every device's tiles use them: their gradients are summed over devices
+            t, bias = (jax.lax.pcast(x, axes, to='varying') for x in (t, bias))
+        total = ring.sigmoid_rows(axes, n, tile)(image, text, t, bias, positives)
+        return -_psum(total, axes) / (n * b)
     logits = _slab(image, _gather(text, axes), logit_scale_value(scale)) + bias
     labels = jnp.where(jnp.arange(logits.shape[1])[None, :] == positives[:, None], 1.0, -1.0)
     batch_size = logits.shape[1]
@@ -376,15 +265,19 @@ def _sigmoid(image, text, scale, bias, *, axes):
 
 
 def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
-                 logit_bias: jax.Array, *, mesh: Mesh) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 logit_bias: jax.Array, *, mesh: Mesh, impl: str = 'all_gather',
+                 tile: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SigLIP: -1/B sum_ij log sigmoid(z_ij (t u_i.v_j + bias)), z = +1 on pairs, -1 elsewhere.
 
-    Each device scores its b images against all B captions (all_gather of the captions).
+    Each device scores its b images against all B captions (all_gather of the captions, or
+    the captions circulating in b x tile tiles with impl='ring').
     """
     _check_embeddings(image, text, mesh)
     axes = shd.data_axes(mesh)
     rows = shd.batch_spec(mesh)
-    loss = jax.shard_map(lambda *a: _sigmoid(*a, axes=axes), mesh=mesh,
+    n = shd.data_size(mesh)
+    ring_tile = _ring_tile(impl, tile, image.shape[0] // n)
+    loss = jax.shard_map(lambda *a: _sigmoid(*a, axes=axes, n=n, tile=ring_tile), mesh=mesh,
                          in_specs=(rows, rows, P(), P()), out_specs=P())(
         image, text, jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32))
     zero = jnp.zeros((), jnp.float32)
