@@ -68,8 +68,11 @@ def main() -> None:
     print(f'wrote {out}')
 
 
-def temp_bytes(mesh, batch: int, dim: int, teacher: bool, impl: str, tile: int) -> int:
-    """Compiled temporaries of jit(value_and_grad(psd_loss)) on `mesh`, per device."""
+def compile_loss(mesh, batch: int, dim: int, teacher: bool, impl: str = 'all_gather',
+                 tile: int = 0):
+    """jit(value_and_grad(psd_loss)) compiled (not run) for (batch, dim) embeddings sharded on
+    `mesh`; `teacher`: teacher embeddings of its own (second pass / EMA), else the same pass.
+    tests/test_loss_properties.py inspects these programs too."""
     import jax
     import jax.numpy as jnp
 
@@ -85,9 +88,14 @@ def temp_bytes(mesh, batch: int, dim: int, teacher: bool, impl: str, tile: int) 
         return losses.psd_loss(u, v, s, mesh=mesh, subset=subset, alpha=0.5, teacher=t,
                                teacher_temperature=2.0, impl=impl, tile=tile)[0]
 
-    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(
         emb, emb, scalar, mask, emb, emb).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def temp_bytes(mesh, batch: int, dim: int, teacher: bool, impl: str, tile: int) -> int:
+    """Compiled temporaries of the loss's value and gradient on `mesh`, per device."""
+    return compile_loss(mesh, batch, dim, teacher, impl, tile).memory_analysis(
+    ).temp_size_in_bytes
 
 
 def measure(meshes: dict, batch: int, dim: int, teacher: bool, args) -> dict:

@@ -117,6 +117,9 @@ def paper_base(preset: str, dataset_name: str, data_path: str, global_batch: int
     """CLIP's recipe at 224 px, context 77, bfloat16 compute, FSDP parameters; the loss, the
     optimiser's betas, epsilon, weight decay and clipping are base_config()'s."""
     config = base_config()
+    # FSDP over every device: the batch splits over data x fsdp, and parameters, optimizer
+    # state and EMA over fsdp (a pod's data-parallel groups: --config.mesh.data=N)
+    config.mesh.data, config.mesh.fsdp = 1, -1
     config.param_sharding = 'fsdp'
     config.model.preset = preset
     config.model.dtype = 'bfloat16'

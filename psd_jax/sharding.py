@@ -57,8 +57,12 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     if math.prod(sizes) != len(devices):
         raise ValueError(f'mesh axes {dict(zip(names, sizes))} need {math.prod(sizes)} devices, '
                          f'there are {len(devices)}')
-    return jax.make_mesh(tuple(sizes), names,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+    try:
+        return jax.make_mesh(tuple(sizes), names, axis_types=axis_types, devices=devices)
+    except AssertionError:  # e.g. TPU v4 topology descriptions with one device per core:
+        return Mesh(np.asarray(devices).reshape(sizes), names,  # place them in order
+                    axis_types=axis_types)
 
 
 def data_axes(mesh: Mesh) -> tuple[str, ...]:

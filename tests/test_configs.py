@@ -12,10 +12,11 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 from psd_jax import batch as batch_lib
-from psd_jax import config as config_lib, losses, sharding
+from psd_jax import config as config_lib, losses, sharding, step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / 'configs').rglob('*.py'))
@@ -81,6 +82,18 @@ def test_config_is_documented_valid_and_builds(devices, name, path, variant):
     if config.model.image_size == 224:  # paper scale: CLIP's context and bfloat16 compute
         assert config.model.context_length == 77 and config.model.dtype == 'bfloat16'
         assert config.data.dataset == 'image_text_shards' and config.data.global_batch >= 4096
+        # FSDP that shards: on these 8 devices the fsdp axis has all of them, and nearly
+        # every parameter (and its optimizer moments and EMA copy) is split over it
+        assert mesh.shape['fsdp'] == 8 and config.param_sharding == 'fsdp'
+        shardings = step.state_shardings(setup, config.param_sharding)
+        abstract = step.abstract_state(setup, shardings)
+        for tree in (abstract.params, optax.tree_utils.tree_get(abstract.opt_state, 'mu'),
+                     abstract.ema_params):
+            if tree is None:
+                continue
+            split = sum(math.prod(x.shape) for x in jax.tree.leaves(tree)
+                        if 'fsdp' in str(x.sharding.spec))
+            assert split / sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) > 0.95
 
 
 def test_base_config_holds_the_loss_defaults_once():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import loss_memory
 from psd_jax import losses, sharding
 
 B, D = 32, 16
@@ -97,18 +97,7 @@ def square_buffers(hlo: str, n: int) -> list[str]:
 
 
 def compiled_loss(mesh, batch, teacher):
-    u = jax.ShapeDtypeStruct((batch, 64), jnp.float32, sharding=sharding.batch_sharding(mesh))
-    rep = sharding.replicated(mesh)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    mask = jax.ShapeDtypeStruct((batch,), bool, sharding=rep)
-
-    def f(u, v, s, subset, tu, tv):
-        t = losses.Teacher(tu, tv, s, subset) if teacher else None
-        return losses.psd_loss(u, v, s, mesh=mesh, subset=subset, alpha=0.5, teacher=t,
-                               teacher_temperature=2.0)[0]
-
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(
-        u, u, scalar, mask, u, u).compile()
+    return loss_memory.compile_loss(mesh, batch, 64, teacher)
 
 
 @pytest.mark.parametrize('teacher', [False, True], ids=['same_pass', 'second_pass'])

@@ -1,0 +1,180 @@
+"""Does a config's train step fit? Compile it ahead of time for a TPU topology, on any machine.
+
+    python -m psd_jax.compile_check --config configs/psd_cc12m_vitb16.py --topology v4-128 \
+        [--max_batch] [--config.key=value ...]
+
+With `libtpu` installed (`pip install -e '.[aot]'`), `jax.experimental.topologies` describes
+the TPU slice (`v4-128`, `v5p-128`, `v5e-256`, `v6e-256`, or `v4:4x4x4`-style names) and the
+real train step (model, loss, optimizer, shardings from the config) is compiled for it,
+without a TPU. Prints per-device memory (arguments, outputs, temporaries) against the chip's
+HBM, FLOPs per step and per device, and the compile time; exits 1 when the step does not fit.
+`--max_batch` bisects for the largest global batch that fits. Without `--topology`, the
+machine's own devices stand in (`--cpu_devices N` CPU devices: labelled as such; they have no
+HBM limit, so only the numbers are reported).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('topology', None, 'TPU slice: v4-128, v5p-128, v5e-256, v6e-256, or a '
+                    'topology name such as v4:4x4x4 (needs libtpu); unset: local devices.')
+flags.DEFINE_integer('cpu_devices', 8, 'Local devices to use without --topology.')
+flags.DEFINE_bool('max_batch', False, 'Also find the largest global batch that fits.')
+flags.DEFINE_float('hbm_gib', 0.0, 'Memory per device to check against (0: the chip\'s).')
+flags.DEFINE_integer('dataset_size', 0, 'Training pairs (sizes the bank teacher\'s state).')
+flags.mark_flags_as_required(['config'])
+
+HBM_PER_CHIP_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}
+CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}  # accelerator-type counts
+SHAPES_3D = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
+             256: '4x8x8', 512: '8x8x8'}
+SHAPES_2D = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
+             256: '16x16'}
+
+
+def topology_name(name: str) -> str:
+    """'v4-128' -> 'v4:4x4x4' (v4 / v5p counts are TensorCores, two per chip); names with a
+    ':' pass through. ValueError naming the allowed values otherwise."""
+    if ':' in name:
+        return name
+    kind, _, count = name.partition('-')
+    if kind not in CORES_PER_CHIP or not count.isdigit():
+        raise ValueError(f'--topology={name!r} is not known; use <type>-<cores> with type one '
+                         f'of {sorted(CORES_PER_CHIP)} (e.g. v4-128, v5e-256) or a topology '
+                         'name such as v4:4x4x4')
+    chips = int(count) // CORES_PER_CHIP[kind]
+    shapes = SHAPES_3D if kind in ('v4', 'v5p') else SHAPES_2D
+    if chips not in shapes:
+        raise ValueError(f'--topology={name!r}: {chips} chips is not a standard {kind} slice; '
+                         f'allowed core counts: '
+                         f'{[c * CORES_PER_CHIP[kind] for c in sorted(shapes)]}')
+    return f'{kind}:{shapes[chips]}'
+
+
+def devices_for(topology: str | None, cpu_devices: int) -> tuple[list, str, float | None]:
+    """(devices, a label, HBM GiB per device or None)."""
+    import jax
+    if topology is None:
+        devices = jax.devices()[:cpu_devices]
+        return devices, f'{len(devices)} x {devices[0].device_kind} (stand-in: no TPU)', None
+    try:
+        from jax.experimental import topologies
+        desc = topologies.get_topology_desc(platform='tpu',
+                                            topology_name=topology_name(topology))
+    except (ImportError, RuntimeError) as e:
+        raise ValueError(f'--topology={topology!r} needs libtpu (pip install -e \'.[aot]\'): '
+                         f'{str(e).splitlines()[0][:200]}') from e
+    devices = list(desc.devices)
+    kind = devices[0].device_kind
+    chips = math.prod(int(x) for x in topology_name(topology).split(':')[1].split('x'))
+    hbm = HBM_PER_CHIP_GIB.get(kind)
+    per_device = None if hbm is None else hbm * chips / len(devices)
+    return devices, f'{topology} ({len(devices)} x {kind})', per_device
+
+
+def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
+    """Compile the config's train step at `global_batch` on `devices`; its numbers."""
+    from psd_jax import config as config_lib, sharding, step
+    config = config.copy_and_resolve_references()
+    config.data.global_batch = global_batch
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    sharding.check_batch(global_batch, mesh, 'config.data.global_batch')
+    setup = config_lib.step_setup(config, mesh, dataset_size=dataset_size)
+    shardings = step.state_shardings(setup, config.param_sharding)
+    start = time.perf_counter()
+    try:
+        compiled = step.compile_train_step(setup, shardings,
+                                           step.batch_spec(setup, global_batch))
+    except Exception as e:  # the TPU compiler refuses a program that exceeds HBM
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        return {'global_batch': global_batch, 'mesh': dict(mesh.shape), 'fits': False,
+                'compile_s': time.perf_counter() - start,
+                'error': str(e).splitlines()[0][:300]}
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    gib = 2 ** 30
+    out = {'global_batch': global_batch, 'mesh': dict(mesh.shape), 'compile_s': seconds,
+           'flops_per_device': float(cost.get('flops', 0.0))}
+    for key in ('argument', 'output', 'temp', 'alias'):
+        out[f'{key}_gib'] = getattr(memory, f'{key}_size_in_bytes', 0) / gib
+    out['total_gib'] = out['argument_gib'] + out['output_gib'] + out['temp_gib'] - out[
+        'alias_gib']
+    out['flops_per_step'] = out['flops_per_device'] * len(devices)
+    out['fits'] = None  # decided against the HBM by the caller
+    return out
+
+
+def largest_batch(config, devices, hbm: float, dataset_size: int, start: int) -> int:
+    """Bisection over multiples of the data shards: the largest global batch whose step fits."""
+    from psd_jax import sharding
+    shards = sharding.data_size(sharding.make_mesh(config.mesh.to_dict(), devices))
+    def fits(per_shard: int) -> bool:
+        numbers = compile_for(config, devices, per_shard * shards, dataset_size)
+        said = numbers.get('error') or '%.2f GiB/device' % numbers['total_gib']
+        print(f'  global batch {per_shard * shards}: {said}', flush=True)
+        return numbers['fits'] is not False and numbers['total_gib'] <= hbm
+
+    low, high = 0, max(1, start // shards)
+    while fits(high) and high < 2 ** 24:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * shards
+
+
+def report(label: str, numbers: dict, hbm: float | None) -> bool:
+    """Print the table; returns whether the step fits."""
+    print(f'train step on {label}, global batch {numbers["global_batch"]}, mesh '
+          f'{numbers["mesh"]}, compiled in {numbers["compile_s"]:.1f} s')
+    if numbers['fits'] is False:
+        print(f'  DOES NOT FIT: {numbers["error"]}')
+        return False
+    for key in ('argument', 'output', 'temp', 'alias', 'total'):
+        print(f'  {key + " GiB/device":>22}: {numbers[key + "_gib"]:.3f}')
+    print(f'  {"TFLOP/step":>22}: {numbers["flops_per_step"] / 1e12:.3f} '
+          f'({numbers["flops_per_device"] / 1e12:.3f} per device)')
+    if hbm is None:
+        print('  no HBM limit for these devices: nothing to fit against')
+        return True
+    fits = numbers['total_gib'] <= hbm
+    print(f'  {"HBM GiB/device":>22}: {hbm:.1f} -> {"fits" if fits else "DOES NOT FIT"}')
+    return fits
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    from psd_jax import config as config_lib
+    try:
+        config_lib.validate(FLAGS.config)
+        devices, label, hbm = devices_for(FLAGS.topology, FLAGS.cpu_devices)
+        hbm = FLAGS.hbm_gib or hbm
+        numbers = compile_for(FLAGS.config, devices, FLAGS.config.data.global_batch,
+                              FLAGS.dataset_size)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    fits = report(label, numbers, hbm)
+    if FLAGS.max_batch and hbm is not None:
+        best = largest_batch(FLAGS.config, devices, hbm, FLAGS.dataset_size,
+                             FLAGS.config.data.global_batch)
+        print(f'  largest global batch that fits: {best}')
+    sys.exit(0 if fits else 1)
+
+
+if __name__ == '__main__':
+    from psd_jax.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,57 @@
+"""python -m psd_jax.compile_check: the train step compiled ahead of time, on the CPU stand-in
+always and for a TPU topology when libtpu is installed; slice names and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from psd_jax import compile_check
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / 'configs' / 'tiny_test.py')
+
+
+def run(*args, tpu=False):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+               '--xla_backend_optimization_level=0')
+    if not tpu:
+        env['JAX_PLATFORMS'] = 'cpu'
+    return subprocess.run([sys.executable, '-m', 'psd_jax.compile_check', f'--config={CONFIG}',
+                           *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_slice_names_map_to_topologies():
+    assert compile_check.topology_name('v4-128') == 'v4:4x4x4'  # 128 cores = 64 chips
+    assert compile_check.topology_name('v5p-128') == 'v5p:4x4x4'
+    assert compile_check.topology_name('v5e-256') == 'v5e:16x16'
+    assert compile_check.topology_name('v6e-8') == 'v6e:2x4'
+    assert compile_check.topology_name('v4:2x2x2') == 'v4:2x2x2'
+    with pytest.raises(ValueError, match=r"--topology='v9-8' is not known; .* \['v4', 'v5e'"):
+        compile_check.topology_name('v9-8')
+    with pytest.raises(ValueError, match=r"'v4-6': 3 chips is not a standard v4 slice"):
+        compile_check.topology_name('v4-6')
+
+
+def test_cpu_stand_in_reports_and_fails_when_over_the_limit():
+    result = run()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '8 x cpu (stand-in: no TPU)' in result.stdout and 'total GiB/device' in result.stdout
+    tight = run('--hbm_gib=0.001')
+    assert tight.returncode == 1 and 'DOES NOT FIT' in tight.stdout, tight.stdout[-2000:]
+    bad = run('--topology=v9-8')
+    assert bad.returncode == 2 and "--topology='v9-8' is not known" in bad.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason="libtpu not installed (pip install -e '.[aot]')")
+def test_tpu_topology_compiles_and_reports_hbm():
+    result = run('--topology=v4-8', '--config.data.global_batch=64', tpu=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'v4-8 (8 x TPU v4)' in result.stdout
+    assert 'HBM GiB/device: 16.0 -> fits' in result.stdout
