@@ -142,14 +142,15 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))['config']
 
-    def restore_newest_readable(self, abstract_state: TrainState,
+    def restore_newest_readable(self, abstract_for: Callable[[dict], TrainState],
                                 fresh_iterator: Callable[[], Any],
                                 check_config: Callable[[dict, int], None]
-                                ) -> tuple[TrainState, int, Any]:
+                                ) -> tuple[TrainState, int, Any, dict]:
         """The newest checkpoint that restores: (state, step, the data iterator at its
         position, or None when it was written by another number of hosts, whose per-host
-        positions do not apply). `check_config(saved_config, step)` runs before the state is
-        read and may raise (a forbidden config change). A checkpoint that fails to restore (a
+        positions do not apply, its config). `check_config(saved_config, step)` runs before
+        the state is read and may raise (a forbidden config change); the state is restored
+        into `abstract_for(saved_config)`. A checkpoint that fails to restore (a
         missing item, a damaged file) is reported with the reason and moved aside to
         `<workdir>/damaged_checkpoints/` (process 0), so the run can write that step again;
         when none restores, FileNotFoundError lists each one tried and why."""
@@ -165,13 +166,13 @@ class Checkpointer:
             try:
                 if self.saved_process_count(step) in (None, jax.process_count()):
                     iterator = fresh_iterator()
-                state, _ = self.restore(abstract_state, iterator, step)
+                state, _ = self.restore(abstract_for(config), iterator, step)
             except Exception as e:  # noqa: BLE001
                 tried.append(self._report(step, e))
                 continue
             if tried:
                 self._set_aside(step)
-            return state, step, iterator
+            return state, step, iterator, config
         raise FileNotFoundError(f'no checkpoint in {self.directory} can be restored; tried: '
                                 + '; '.join(tried))
 

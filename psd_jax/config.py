@@ -16,6 +16,7 @@ from psd_jax import guard, losses, schedules, sharding, step
 from psd_jax.evaluation import run as evaluation
 from psd_jax.data import builders, datasets, pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
+from psd_jax.models.layers import REMAT_POLICIES
 
 C = ml_collections.ConfigDict
 
@@ -43,6 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.context_length = 16
     config.model.embed_dim = 0  # 0: the preset's
     config.model.text_pool = 'argmax'  # argmax (CLIP BPE) | last (SentencePiece)
+    # memory levers that leave the values alone: what a transformer block keeps for the
+    # backward pass (none | minimal: matmul outputs | full: recompute the block), and the
+    # blocks under one scan (compile time independent of depth; parameters stacked, so a
+    # checkpoint keeps the layout it was written with)
+    config.model.remat = 'none'
+    config.model.scan_layers = False
 
     config.data = C()
     config.data.dataset = 'emoji'  # a prepared tfds dataset, see psd_jax.data.datasets
@@ -86,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = C()
     config.train.steps = 100
     config.train.log_every = 10
+    # GradCache accumulation: k micro-batches' activations at a time, every negative of the
+    # global batch in the loss, the same gradient (psd_jax/accumulate.py)
+    config.train.micro_batches = 1
     config.train.checkpoint_every = 50
     config.train.keep_checkpoints = 3
     config.train.keep_every = 0  # also keep every N-th step's checkpoint (0: none)
@@ -157,6 +167,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.data.tokenizer in ('clip', 'sentencepiece'), 'data.tokenizer',
            f"{config.data.tokenizer!r} is not one of ['clip', 'sentencepiece']")
     _check(config.data.global_batch > 0, 'data.global_batch', 'must be positive')
+    _check(config.model.remat in REMAT_POLICIES, 'model.remat',
+           f'{config.model.remat!r} is not one of {list(REMAT_POLICIES)}')
+    _check(config.train.micro_batches >= 1, 'train.micro_batches',
+           f'{config.train.micro_batches}: must be >= 1 (1: no accumulation)')
     _check(0.0 <= config.data.caption_noise <= 1.0, 'data.caption_noise', 'must be in [0, 1]')
     _check(config.data.caption_noise_kind in pipeline.NOISE_KINDS, 'data.caption_noise_kind',
            f'{config.data.caption_noise_kind!r} is not one of {list(pipeline.NOISE_KINDS)}')
@@ -218,7 +232,8 @@ def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -
     """The static parts of the train step, from the config (`dataset_size`: the number of
     training pairs, which sizes the embedding bank of psd.teacher='bank')."""
     loss = loss_config(config)
-    model = build_model(model_spec(config), config.model.dtype, sigmoid=loss.kind == 'sigmoid')
+    model = build_model(model_spec(config), config.model.dtype, sigmoid=loss.kind == 'sigmoid',
+                        remat=config.model.remat, scan_layers=config.model.scan_layers)
     lr = schedules.warmup_cosine(config.optim.lr, config.train.steps, config.optim.warmup_steps,
                                  config.optim.end_lr_fraction)
     tx = step.make_optimizer(lr, config.optim.weight_decay, config.optim.b1, config.optim.b2,
@@ -226,4 +241,5 @@ def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -
     alpha = schedules.alpha_schedule(config.loss.alpha_schedule, config.loss.alpha_max,
                                      config.train.steps, config.loss.alpha_start_step)
     return step.StepSetup(model, tx, loss, alpha, lr, mesh, dataset_size,
-                          carried=loss.carried_pairs(config.data.global_batch))
+                          carried=loss.carried_pairs(config.data.global_batch),
+                          micro_batches=config.train.micro_batches)

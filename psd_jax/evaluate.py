@@ -24,7 +24,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, float]:
     """Restore a checkpoint of `workdir` and run the configured evaluators on it."""
-    from psd_jax import checkpointing, config as config_lib, sharding, step
+    from psd_jax import checkpointing, config as config_lib, layout, sharding
     from psd_jax.data.from_config import make_tokenizer
     from psd_jax.evaluation.run import run_evaluators
 
@@ -38,8 +38,10 @@ def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, 
         from psd_jax.data.from_config import open_split
         size = len(open_split(config, config.data.train_split))
     setup = config_lib.step_setup(config, mesh, dataset_size=size)
-    shardings = step.state_shardings(setup, config.param_sharding)
-    state, at = ckpt.restore(step.abstract_state(setup, shardings), None, step_number)
+    abstract, to_current = layout.restore_plan(setup, config.param_sharding,
+                                               ckpt.restore_config(step_number))
+    state, at = ckpt.restore(abstract, None, step_number)
+    state = to_current(state)
     ckpt.close()
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     result = {'step': at, **run_evaluators(config, setup.model, variables, mesh,

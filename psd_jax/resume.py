@@ -21,6 +21,8 @@ MAY_CHANGE = (
     'train.keep_every', 'train.eval_every', 'train.transfer_guard', 'train.nonfinite',
     'train.nonfinite_limit', 'train.resume_allow_changes', 'eval.', 'metrics.', 'mesh.',
     'param_sharding', 'loss.impl', 'loss.tile',  # the same loss, computed another way
+    'train.micro_batches', 'model.remat',  # the same gradient, with other memory
+    'model.scan_layers',  # the checkpoint's layout is converted on restore (psd_jax/layout.py)
 )
 
 

@@ -22,7 +22,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from psd_jax import batch as batch_lib
-from psd_jax import guard, losses
+from psd_jax import accumulate, guard, losses
 from psd_jax import sharding as shd
 from psd_jax.models.clip import clip_logit_scale, logit_scale_value
 
@@ -59,6 +59,7 @@ class StepSetup:
     mesh: Mesh
     bank_size: int = 0  # dataset size N, for the embedding-bank teacher
     carried: int = 0  # pairs per global batch repeated from the previous (previous-step teacher)
+    micro_batches: int = 1  # GradCache accumulation over k micro-batches (psd_jax/accumulate.py)
 
     def __post_init__(self):
         if self.loss.needs_bank and self.bank_size <= 0:
@@ -170,16 +171,25 @@ def _forward_teacher(setup: StepSetup, state: TrainState, batch: dict, indices: 
     if k == 0:
         empty = jnp.zeros((batch_size, dim), jnp.float32)
         return losses.Teacher(empty, empty, params['logit_scale'], mask)
-    n = shd.data_size(setup.mesh)
-    padded = math.ceil(k / n) * n  # pad to whole shards; padding rows are dropped below
+    n, m = shd.data_size(setup.mesh), setup.micro_batches
+    padded = math.ceil(k / (n * m)) * n * m  # whole shards per micro-batch; padding dropped
     idx = jnp.concatenate([indices, jnp.broadcast_to(indices[:1], (padded - k,))])
-    images = batch['teacher_image'][idx]
-    texts = batch['text'][idx]
-    images, texts = (jax.lax.with_sharding_constraint(x, shd.batch_sharding(setup.mesh))
-                     for x in (images, texts))
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    out = setup.model.apply(variables, images, texts, train=False)  # running BN statistics
-    out = jax.lax.stop_gradient(out)
+
+    def forward(pair):  # running BN statistics; one micro-batch of activations at a time
+        images, texts = (jax.lax.with_sharding_constraint(x, shd.batch_sharding(setup.mesh))
+                         for x in pair)
+        out = setup.model.apply(variables, images, texts, train=False)
+        return out['image'], out['text']
+
+    pair = (batch['teacher_image'][idx], batch['text'][idx])
+    if m == 1:
+        image, text = forward(pair)
+    else:
+        image, text = jax.lax.map(forward, tuple(accumulate.split(x, m, n) for x in pair))
+        image, text = accumulate.merge(image, n), accumulate.merge(text, n)
+    out = jax.lax.stop_gradient({'image': image, 'text': text,
+                                 'logit_scale': params['logit_scale']})
 
     def scatter(x):
         return jnp.zeros((batch_size, dim), jnp.float32).at[indices].set(x[:k])
@@ -248,6 +258,43 @@ def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
         **impl)
 
 
+def _loss_and_grads(setup: StepSetup, state: TrainState, batch: dict,
+                    teacher: losses.Teacher | None, subset: jax.Array | None,
+                    alpha: jax.Array) -> tuple[tuple[jax.Array, tuple], Any]:
+    """((loss, (loss parts, mutated batch_stats, {'image', 'text'} embeddings)), gradients) of
+    the global batch: one forward and backward, or GradCache over setup.micro_batches."""
+    has_bn = bool(state.batch_stats)
+
+    def apply(params, images, texts):
+        variables = {'params': params, 'batch_stats': state.batch_stats}
+        if has_bn:
+            return setup.model.apply(variables, images, texts, train=True,
+                                     mutable=['batch_stats'])
+        return setup.model.apply(variables, images, texts, train=True), {}
+
+    if setup.micro_batches > 1:
+        n = shd.data_size(setup.mesh)
+        accumulate.check_micro_batches(setup.micro_batches, batch['image'].shape[0] // n, has_bn)
+
+        def embed(params, micro):
+            images, texts = (jax.lax.with_sharding_constraint(
+                micro[key], shd.batch_sharding(setup.mesh)) for key in ('image', 'text'))
+            return apply(params, images, texts)[0]
+
+        (loss, parts), grads, full = accumulate.grads(
+            embed, state.params, batch,
+            lambda out: compute_loss(setup, out, teacher, subset, alpha),
+            setup.micro_batches, n)
+        return (loss, (parts, {}, full)), grads
+
+    def loss_fn(params):
+        out, mutated = apply(params, batch['image'], batch['text'])
+        loss, parts = compute_loss(setup, out, teacher, subset, alpha)
+        return loss, (parts, mutated, {'image': out['image'], 'text': out['text']})
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
 def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch. Pure: the same inputs give the same outputs."""
     batch_size = batch['image'].shape[0]
@@ -267,21 +314,8 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainS
             teacher, subset = _previous_step_teacher(state, batch, batch_size)
         elif setup.loss.needs_teacher_forward:
             teacher = _forward_teacher(setup, state, batch, indices, batch_size)
-    has_bn = bool(state.batch_stats)
-
-    def loss_fn(params):
-        variables = {'params': params, 'batch_stats': state.batch_stats}
-        if has_bn:
-            out, mutated = setup.model.apply(variables, batch['image'], batch['text'],
-                                             train=True, mutable=['batch_stats'])
-        else:
-            out, mutated = setup.model.apply(variables, batch['image'], batch['text'],
-                                             train=True), {}
-        loss, parts = compute_loss(setup, out, teacher, subset, alpha)
-        return loss, (parts, mutated, {'image': out['image'], 'text': out['text']})
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (parts, mutated, embeddings)), grads = grad_fn(state.params)
+    (loss, (parts, mutated, embeddings)), grads = _loss_and_grads(setup, state, batch, teacher,
+                                                                  subset, alpha)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = {**params, 'logit_scale': clip_logit_scale(params['logit_scale'])}

@@ -16,7 +16,8 @@ from absl import logging
 from etils import epath
 
 from psd_jax import batch as batch_lib
-from psd_jax import checkpointing, config as config_lib, guard, metrics, resume, sharding, step
+from psd_jax import checkpointing, config as config_lib, guard, layout, metrics, resume, sharding
+from psd_jax import step
 from psd_jax import workdir as workdir_lib
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
 from psd_jax.evaluation import run as evaluation
@@ -124,8 +125,12 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
         state = step.init_state(setup, jax.random.key(config.seed), config.param_sharding)
         start, iterator = 0, data(0)
     else:
-        state, start, iterator = ckpt.restore_newest_readable(
-            step.abstract_state(setup, shardings), lambda: data(0), check)
+        def abstract_for(saved: dict) -> step.TrainState:
+            return layout.restore_plan(setup, config.param_sharding, saved)[0]
+
+        state, start, iterator, saved = ckpt.restore_newest_readable(
+            abstract_for, lambda: data(0), check)
+        state = layout.restore_plan(setup, config.param_sharding, saved)[1](state)
         if iterator is None:  # per-host positions are for another split of the batches
             iterator = data(start)
             logging.warning('checkpoint written by %d hosts, resumed on %d: the data restarts '

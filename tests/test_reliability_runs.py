@@ -170,3 +170,28 @@ def test_older_checkpoints_are_deleted_only_once_the_newest_reads_back(tmp_path,
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1, keep_every=4)
     assert ckpt.prune() == [2] and sorted(ckpt.manager.all_steps()) == [4, 6]
     ckpt.close()
+
+
+def test_a_resume_may_switch_on_every_memory_lever(tmp_path, finished_run, devices):
+    """Checkpoint 2 of the reference, resumed with scanned layers (its layout converted on
+    restore), full remat and two GradCache micro-batches (the EMA teacher's forward
+    micro-batched too), reaches the reference's step 6: the levers change memory, not the
+    run. Tolerance: the same arithmetic in another order over 4 steps, 99% of the parameters
+    within lr / 10 (as tests/test_step.py), every one within 10 lr."""
+    workdir = tmp_path / 'levers'
+    shutil.copytree(finished_run, workdir)
+    for at in (4, 6):
+        shutil.rmtree(workdir / 'checkpoints' / str(at))
+    result = run(workdir, *SHORT, '--config.model.scan_layers=True', '--config.model.remat=full',
+                 '--config.train.micro_batches=2')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'config.model.scan_layers changed since the checkpoint: False -> True' in (
+        result.stderr)
+    reference, _ = restored_params(finished_run, {'data': 8}, devices, step_number=6)
+    levers, at = restored_params(workdir, {'data': 8}, devices, step_number=6)
+    assert at == 6
+    assert jax.tree.structure(reference) == jax.tree.structure(levers)
+    diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
+        jax.tree.leaves(reference), jax.tree.leaves(levers))])
+    assert np.quantile(diff, 0.99) <= 1e-4 and diff.max() <= 1e-2, (
+        np.quantile(diff, 0.99), diff.max())

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from psd_jax import checkpointing, config as config_lib, sharding, step
+from psd_jax import checkpointing, config as config_lib, layout, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / 'configs' / 'tiny_test.py')
@@ -72,9 +72,10 @@ def restored_params(workdir, mesh_axes, devices, strategy='replicated', teacher=
     if teacher:
         config.loss.psd.teacher = teacher
     setup = config_lib.step_setup(config, sharding.make_mesh(mesh_axes, devices))
-    shardings = step.state_shardings(setup, strategy)
     ckpt = checkpointing.Checkpointer(workdir, asynchronous=False)
-    state, at = ckpt.restore(step.abstract_state(setup, shardings), None, step_number)
+    abstract, to_plain = layout.restore_plan(setup, strategy, ckpt.restore_config(step_number))
+    state, at = ckpt.restore(abstract, None, step_number)  # in the layout it was written with
+    state = to_plain(state)
     ckpt.close()
     return jax.device_get(state.params), at
 

@@ -60,7 +60,7 @@ def prepare(name: str, data_dir: str | pathlib.Path | None = None, config: str |
         kwargs['config'] = config
     builder = BUILDERS[name](**kwargs)
     if path is not None and builder.is_prepared():
-        recorded = dict(builder.info.metadata).get('source')
+        recorded = dict(builder.info.metadata or {}).get('source')
         current = builders.source_fingerprint(path)
         if recorded != current:
             logging.warning('%s/%s in %s was prepared from %s; its source is now %s (%d files, '
@@ -84,7 +84,7 @@ def _describe(source: dict | None) -> str:
 def report_skipped(builder: tfds.core.DatasetBuilder) -> None:
     """One warning per split that lost records at preparation: the counts and the first
     shards or records involved (stored in the dataset's metadata)."""
-    for split, counts in (dict(builder.info.metadata).get('skipped') or {}).items():
+    for split, counts in (dict(builder.info.metadata or {}).get('skipped') or {}).items():
         lost = {k: v for k, v in counts.items() if k != 'shards' and v}
         if lost:
             logging.warning('%s split %r: skipped at preparation %s; e.g. %s', builder.name,

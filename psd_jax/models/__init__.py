@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from psd_jax.models.clip import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, DualEncoder,
                                  l2_normalize, logit_scale_value)
+from psd_jax.models.layers import check_remat
 from psd_jax.models.resnet import ModifiedResNet
 from psd_jax.models.text import TextTransformer
 from psd_jax.models.vit import VisionTransformer
@@ -60,20 +61,25 @@ def preset(name: str, **overrides: Any) -> ModelSpec:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def build_model(spec: ModelSpec | str, dtype: str = 'float32',
-                sigmoid: bool = False) -> DualEncoder:
+def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = False,
+                remat: str = 'none', scan_layers: bool = False) -> DualEncoder:
     """A `DualEncoder` computing in `dtype` ('float32' or 'bfloat16') with float32 parameters;
-    `sigmoid`: SigLIP's initial scale (t = 10) and a logit bias (-10), else CLIP's t = 1/0.07."""
+    `sigmoid`: SigLIP's initial scale (t = 10) and a logit bias (-10), else CLIP's t = 1/0.07.
+    `remat` (none | minimal | full) and `scan_layers` apply to every transformer stack (the
+    ResNet stages of RN50 are left as they are): memory levers that leave the values alone;
+    `scan_layers` stacks the block parameters (layers.stack_blocks converts)."""
     if isinstance(spec, str):
         spec = preset(spec)
     if dtype not in DTYPES:
         raise ValueError(f'model dtype={dtype!r} is not known; allowed: {sorted(DTYPES)}')
+    check_remat(remat)
     compute = DTYPES[dtype]
+    levers = {'remat': remat, 'scan_layers': scan_layers}
     image = dict(spec.image)
     kind = image.pop('kind', None)
     if kind == 'vit':
         tower = VisionTransformer(image_size=spec.image_size, embed_dim=spec.embed_dim,
-                                  act=spec.act, dtype=compute, **image)
+                                  act=spec.act, dtype=compute, **levers, **image)
     elif kind == 'resnet':
         tower = ModifiedResNet(image_size=spec.image_size, embed_dim=spec.embed_dim,
                                dtype=compute, **image)
@@ -82,7 +88,7 @@ def build_model(spec: ModelSpec | str, dtype: str = 'float32',
     text = TextTransformer(vocab_size=spec.vocab_size, context_length=spec.context_length,
                            width=spec.text_width, depth=spec.text_depth, heads=spec.text_heads,
                            embed_dim=spec.embed_dim, pool=spec.text_pool, act=spec.act,
-                           dtype=compute)
+                           dtype=compute, **levers)
     if sigmoid:
         return DualEncoder(image_tower=tower, text_tower=text,
                            init_logit_scale=SIGLIP_INIT_LOGIT_SCALE,

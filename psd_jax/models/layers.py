@@ -101,10 +101,50 @@ class MLP(nn.Module):
                         bias_init=zeros(('embed',)), name='proj')(h)
 
 
+# model.remat: what a transformer block keeps for the backward pass (jax.checkpoint policies).
+# none: everything; minimal: the weight matmuls' outputs (the rest is recomputed); full: only
+# the block's input (the whole block is recomputed in the backward pass).
+REMAT_POLICIES = {'none': None,
+                  'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  'full': jax.checkpoint_policies.nothing_saveable}
+
+
+def check_remat(remat: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f'model.remat={remat!r} is not known; allowed: {list(REMAT_POLICIES)}')
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm residual block: x + attn(ln1(x)), then + mlp(ln2(.)).
+
+    (x (batch, tokens, width), unused) -> (x, None): the carry signature `nn.scan` wants."""
+    heads: int
+    mlp_ratio: float
+    act: str
+    causal: bool
+    attn_std: float
+    proj_std: float
+    fc_std: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        h = layer_norm(self.dtype, name='ln1')(x)
+        x = x + SelfAttention(self.heads, self.causal, self.attn_std, self.proj_std, self.dtype,
+                              name='attn')(h)
+        h = layer_norm(self.dtype, name='ln2')(x)
+        x = x + MLP(self.mlp_ratio, self.act, self.fc_std, self.proj_std, self.dtype,
+                    name='mlp')(h)
+        return x, None
+
+
 class Transformer(nn.Module):
     """A stack of pre-LayerNorm residual blocks with CLIP's initialisation.
 
-    x: (batch, tokens, width) -> (batch, tokens, width).
+    x: (batch, tokens, width) -> (batch, tokens, width). Parameters live under `block{i}`, or,
+    with `scan_layers`, once under `blocks` with a leading (depth,) axis (one block compiled
+    and looped: compile time independent of depth; psd_jax/layout.py converts).
+    `remat` names a REMAT_POLICIES entry; it changes memory and compute, never the values.
     """
     depth: int
     heads: int
@@ -112,18 +152,25 @@ class Transformer(nn.Module):
     act: str = 'quick_gelu'
     causal: bool = False
     dtype: Dtype = jnp.float32
+    remat: str = 'none'
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_remat(self.remat)
         width = x.shape[-1]
         attn_std = width ** -0.5
-        proj_std = attn_std * (2 * self.depth) ** -0.5
-        fc_std = (2 * width) ** -0.5
+        args = (self.heads, self.mlp_ratio, self.act, self.causal, attn_std,
+                attn_std * (2 * self.depth) ** -0.5, (2 * width) ** -0.5, self.dtype)
+        block = Block
+        if self.remat != 'none':
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat],
+                             prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                              length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+            return scanned(*args, name='blocks')(x, None)[0]
         for i in range(self.depth):
-            h = layer_norm(self.dtype, name=f'block{i}_ln1')(x)
-            x = x + SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
-                                  name=f'block{i}_attn')(h)
-            h = layer_norm(self.dtype, name=f'block{i}_ln2')(x)
-            x = x + MLP(self.mlp_ratio, self.act, fc_std, proj_std, self.dtype,
-                        name=f'block{i}_mlp')(h)
+            x = block(*args, name=f'block{i}')(x, None)[0]
         return x
+

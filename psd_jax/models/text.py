@@ -28,6 +28,8 @@ class TextTransformer(nn.Module):
     pool: str = 'argmax'
     act: str = 'quick_gelu'
     dtype: Dtype = jnp.float32
+    remat: str = 'none'  # layers.REMAT_POLICIES
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -43,7 +45,8 @@ class TextTransformer(nn.Module):
                          (self.context_length, self.width))
         x = x + pos.astype(self.dtype)
         x = Transformer(self.depth, self.heads, self.mlp_ratio, self.act, causal=True,
-                        dtype=self.dtype, name='transformer')(x)
+                        dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+                        name='transformer')(x)
         x = layer_norm(self.dtype, name='ln_final')(x)
         if self.pool == 'argmax':
             eot = jnp.argmax(tokens, axis=-1)

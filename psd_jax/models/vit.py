@@ -27,6 +27,8 @@ class VisionTransformer(nn.Module):
     pool: str = 'token'
     act: str = 'quick_gelu'
     dtype: Dtype = jnp.float32
+    remat: str = 'none'  # layers.REMAT_POLICIES
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -54,7 +56,8 @@ class VisionTransformer(nn.Module):
         x = x + pos.astype(self.dtype)
         x = layer_norm(self.dtype, name='ln_pre')(x)
         x = Transformer(self.depth, self.heads, self.mlp_ratio, self.act, causal=False,
-                        dtype=self.dtype, name='transformer')(x)
+                        dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+                        name='transformer')(x)
         pooled = x[:, 0] if self.pool == 'token' else x.mean(axis=1)
         pooled = layer_norm(self.dtype, name='ln_post')(pooled)
         proj = self.param('proj', normal(scale, ('embed', 'joint')), (self.width, self.embed_dim))
