@@ -1,14 +1,16 @@
-"""Per-device temporary memory of the sharded PSD loss (value and gradient): all_gather vs ring
-vs a replicated loss.
+"""Per-device temporary memory of the sharded contrastive loss (value and gradient): all_gather
+vs ring vs a replicated loss.
 
-For each global batch B and embedding dim D the loss (PSD, same-pass and second-pass teachers)
-is compiled, not run, on N devices with the all_gather scheme (b x B slabs) and with the ring
+For each global batch B, embedding dim D and loss (CLIP; PSD with the same-pass teacher; PSD
+with teacher embeddings of its own, as the second-pass and EMA teachers give) the loss is
+compiled, not run, on N devices with the all_gather scheme (b x B slabs) and with the ring
 (b x tile tiles), and on one device, where the whole B x B similarity matrix lives in one place
 (what a replicated loss needs on every device; skipped above --replicated-max). Reports XLA's
 `memory_analysis().temp_size_in_bytes` per device. On a CPU host the N devices are emulated.
 
-    python benchmarks/loss_memory.py [--batches 16384 65536 131072] [--dims 512 768]
-        [--tile 256] [--out benchmarks/results/loss_memory.json]
+    python benchmarks/loss_memory.py [--batches 16384 65536 131072 262144] [--dims 512 768]
+        [--losses clip psd_same_pass psd_second_pass] [--impls all_gather ring]
+        [--devices 8] [--tile 256] [--out benchmarks/results/loss_memory.json]
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import pathlib
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--batches', type=int, nargs='+', default=[16384, 65536, 131072])
+    parser.add_argument('--batches', type=int, nargs='+',
+                        default=[16384, 65536, 131072, 262144])
+    parser.add_argument('--losses', nargs='+', default=list(LOSSES), choices=list(LOSSES))
+    parser.add_argument('--impls', nargs='+', default=['all_gather', 'ring'],
+                        choices=['all_gather', 'ring'])
     parser.add_argument('--dims', type=int, nargs='+', default=[512, 768])
     parser.add_argument('--devices', type=int, default=8)
     parser.add_argument('--tile', type=int, default=256, help="the ring's tile width")
@@ -43,24 +49,26 @@ def main() -> None:
     meshes = {'sharded': sharding.make_mesh({'data': args.devices}, devices),
               'single': sharding.make_mesh({'data': 1}, devices[:1])}
     gib = 2 ** 30
-    header = (f'{"B":>7} {"D":>4} {"teacher":>11} {"all_gather GiB":>15} {"ring GiB":>9} '
+    header = (f'{"B":>7} {"D":>4} {"loss":>15} {"all_gather GiB":>15} {"ring GiB":>9} '
               f'{"replicated GiB":>15} {"gather/ring":>11}')
-    print(f'PSD loss value+grad per device, {args.devices} x {devices[0].device_kind}, ring '
+    print(f'loss value+grad per device, {args.devices} x {devices[0].device_kind}, ring '
           f'tile {args.tile}')
     print(header)
     print('-' * len(header))
     rows = []
     for batch in args.batches:
         for dim in args.dims:
-            for teacher in (False, True):
-                row = measure(meshes, batch, dim, teacher, args)
+            for loss in args.losses:
+                row = measure(meshes, batch, dim, loss, args)
                 rows.append(row)
-                rep = row['replicated_temp_bytes_per_device']
-                gathered, ring = (row[f'{k}_temp_bytes_per_device'] for k in ('all_gather',
-                                                                              'ring'))
-                print(f'{batch:>7} {dim:>4} {row["teacher"]:>11} {gathered / gib:>15.3f} '
-                      f'{ring / gib:>9.3f} {"-" if rep is None else f"{rep / gib:.3f}":>15} '
-                      f'{gathered / ring:>11.1f}', flush=True)
+                rep, gathered, ring = (
+                    row[f'{k}_temp_bytes_per_device'] for k in ('replicated', 'all_gather',
+                                                                'ring'))
+                cells = [f'{x / gib:.3f}' if x is not None else '-' for x in (gathered, ring,
+                                                                              rep)]
+                ratio = f'{gathered / ring:.1f}' if gathered and ring else '-'
+                print(f'{batch:>7} {dim:>4} {loss:>15} {cells[0]:>15} {cells[1]:>9} '
+                      f'{cells[2]:>15} {ratio:>11}', flush=True)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({'device_kind': devices[0].device_kind, 'tile': args.tile,
@@ -68,11 +76,14 @@ def main() -> None:
     print(f'wrote {out}')
 
 
-def compile_loss(mesh, batch: int, dim: int, teacher: bool, impl: str = 'all_gather',
+LOSSES = ('clip', 'psd_same_pass', 'psd_second_pass')
+
+
+def compile_loss(mesh, batch: int, dim: int, loss: str, impl: str = 'all_gather',
                  tile: int = 0):
-    """jit(value_and_grad(psd_loss)) compiled (not run) for (batch, dim) embeddings sharded on
-    `mesh`; `teacher`: teacher embeddings of its own (second pass / EMA), else the same pass.
-    tests/test_loss_properties.py inspects these programs too."""
+    """jit(value_and_grad(loss)) compiled (not run) for (batch, dim) embeddings sharded on
+    `mesh`; `loss`: one of LOSSES (psd_second_pass: teacher embeddings of its own, as the
+    second-pass and EMA teachers give). tests/test_loss_properties.py inspects these too."""
     import jax
     import jax.numpy as jnp
 
@@ -84,7 +95,9 @@ def compile_loss(mesh, batch: int, dim: int, teacher: bool, impl: str = 'all_gat
     mask = jax.ShapeDtypeStruct((batch,), bool, sharding=rep)
 
     def f(u, v, s, subset, tu, tv):
-        t = losses.Teacher(tu, tv, s, subset) if teacher else None
+        if loss == 'clip':
+            return losses.clip_loss(u, v, s, mesh=mesh, impl=impl, tile=tile)[0]
+        t = losses.Teacher(tu, tv, s, subset) if loss == 'psd_second_pass' else None
         return losses.psd_loss(u, v, s, mesh=mesh, subset=subset, alpha=0.5, teacher=t,
                                teacher_temperature=2.0, impl=impl, tile=tile)[0]
 
@@ -92,24 +105,25 @@ def compile_loss(mesh, batch: int, dim: int, teacher: bool, impl: str = 'all_gat
         emb, emb, scalar, mask, emb, emb).compile()
 
 
-def temp_bytes(mesh, batch: int, dim: int, teacher: bool, impl: str, tile: int) -> int:
+def temp_bytes(mesh, batch: int, dim: int, loss: str, impl: str, tile: int) -> int:
     """Compiled temporaries of the loss's value and gradient on `mesh`, per device."""
-    return compile_loss(mesh, batch, dim, teacher, impl, tile).memory_analysis(
+    return compile_loss(mesh, batch, dim, loss, impl, tile).memory_analysis(
     ).temp_size_in_bytes
 
 
-def measure(meshes: dict, batch: int, dim: int, teacher: bool, args) -> dict:
+def measure(meshes: dict, batch: int, dim: int, loss: str, args) -> dict:
     sharded = meshes['sharded']
     per_device = batch // args.devices
-    return {'batch': batch, 'dim': dim, 'devices': args.devices,
-            'teacher': 'second_pass' if teacher else 'same_pass',
-            'all_gather_temp_bytes_per_device': temp_bytes(sharded, batch, dim, teacher,
-                                                           'all_gather', 0),
-            'ring_temp_bytes_per_device': temp_bytes(sharded, batch, dim, teacher, 'ring',
-                                                     min(args.tile, per_device)),
-            'replicated_temp_bytes_per_device': None if batch > args.replicated_max else
-            temp_bytes(meshes['single'], batch, dim, teacher, 'all_gather', 0),
-            'bxb_float32_bytes': batch * batch * 4}
+    tiles = {'all_gather': 0, 'ring': min(args.tile, per_device)}
+    row = {'batch': batch, 'dim': dim, 'devices': args.devices, 'loss': loss,
+           'bxb_float32_bytes': batch * batch * 4}
+    for impl, tile in tiles.items():
+        row[f'{impl}_temp_bytes_per_device'] = (
+            temp_bytes(sharded, batch, dim, loss, impl, tile) if impl in args.impls else None)
+    row['replicated_temp_bytes_per_device'] = (
+        temp_bytes(meshes['single'], batch, dim, loss, 'all_gather', 0)
+        if batch <= args.replicated_max else None)
+    return row
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import Callable
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -116,23 +117,33 @@ def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
     return out
 
 
-def largest_batch(config, devices, hbm: float, dataset_size: int, start: int) -> int:
-    """Bisection over multiples of the data shards: the largest global batch whose step fits."""
+def largest_batch(config, devices, hbm: float, dataset_size: int, start: int,
+                  precision: float = 0.0, on_try: Callable[[dict], None] | None = None) -> int:
+    """Bisection over multiples of the data shards (times train.micro_batches, which must
+    divide each shard's rows): the largest global batch whose step fits in `hbm` GiB per
+    device. `precision` > 0 stops once the bracket is within that fraction of the lower end
+    (fewer compiles; the answer is then a lower bound that fits). `on_try(numbers)` sees each
+    compiled candidate."""
     from psd_jax import sharding
-    shards = sharding.data_size(sharding.make_mesh(config.mesh.to_dict(), devices))
-    def fits(per_shard: int) -> bool:
-        numbers = compile_for(config, devices, per_shard * shards, dataset_size)
+    unit = sharding.data_size(sharding.make_mesh(config.mesh.to_dict(), devices)) * max(
+        1, config.train.micro_batches)
+
+    def fits(units: int) -> bool:
+        numbers = compile_for(config, devices, units * unit, dataset_size)
         said = numbers.get('error') or '%.2f GiB/device' % numbers['total_gib']
-        print(f'  global batch {per_shard * shards}: {said}', flush=True)
+        print(f'  global batch {units * unit}: {said} ({numbers["compile_s"]:.0f} s)',
+              flush=True)
+        if on_try:
+            on_try(numbers)
         return numbers['fits'] is not False and numbers['total_gib'] <= hbm
 
-    low, high = 0, max(1, start // shards)
+    low, high = 0, max(1, start // unit)
     while fits(high) and high < 2 ** 24:
         low, high = high, high * 2
-    while high - low > 1:
+    while high - low > max(1, int(precision * low)):
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
-    return low * shards
+    return low * unit
 
 
 def report(label: str, numbers: dict, hbm: float | None) -> bool:

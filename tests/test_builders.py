@@ -184,6 +184,30 @@ def test_prepare_command_takes_a_path(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+def test_a_multi_host_run_refuses_to_prepare_the_users_data(tmp_path, monkeypatch):
+    """Every host of a multi-host run checks that the path-based dataset is prepared and
+    refuses, naming the dataset, the data_dir and the command, when it is not; once prepared
+    (on one machine, as the command says), the run opens it without preparing anything."""
+    import jax
+    from psd_jax import config as config_lib
+    from psd_jax.data import datasets, from_config
+    write_pairs(tmp_path / 'mine' / 'train' / '00000.tar', 3, np.random.default_rng(5))
+    config = config_lib.base_config()
+    config.data.dataset, config.data.builder_config = 'image_text_shards', 'mine'
+    config.data.path, config.data.data_dir = str(tmp_path / 'mine'), str(tmp_path / 'tfds')
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    with pytest.raises(ValueError, match=(
+            rf'image_text_shards/mine is not prepared in data_dir {tmp_path / "tfds"} .*'
+            rf'python -m psd_jax.data.datasets image_text_shards --path {tmp_path / "mine"} '
+            '--config mine')):
+        from_config.open_split(config, 'train')
+    assert not (tmp_path / 'tfds').exists()  # nothing was prepared
+    datasets.main(['image_text_shards', '--path', config.data.path, '--config', 'mine',
+                   '--data_dir', config.data.data_dir])
+    monkeypatch.setattr(datasets, 'prepare', None)  # a multi-host run must not call it
+    assert len(from_config.open_split(config, 'train')) == 3
+
+
 def test_image_folder_classification(tmp_path):
     rng = np.random.default_rng(1)
     for split, n in (('train', 3), ('test', 2)):

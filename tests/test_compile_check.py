@@ -55,3 +55,42 @@ def test_tpu_topology_compiles_and_reports_hbm():
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'v4-8 (8 x TPU v4)' in result.stdout
     assert 'HBM GiB/device: 16.0 -> fits' in result.stdout
+
+
+
+def test_max_batch_bisects_to_the_largest_batch_under_the_limit(monkeypatch, devices):
+    """--max_batch's search, on a program whose size grows with the batch (stubbed: the CPU
+    compiler's buffer sizes are not monotone in the batch, a TPU's are what matters): the
+    answer fits, the next multiple of the data shards (x train.micro_batches) does not, and
+    a program the compiler refuses (RESOURCE_EXHAUSTED) counts as not fitting."""
+    def size(batch):
+        return 0.5 + 0.001 * batch
+
+    def fake_compile(config, devices, batch, dataset_size):
+        if batch > 4000:
+            return {'global_batch': batch, 'fits': False, 'error': 'RESOURCE_EXHAUSTED',
+                    'compile_s': 0.0}
+        return {'global_batch': batch, 'fits': None, 'total_gib': size(batch), 'compile_s': 0.0}
+
+    monkeypatch.setattr(compile_check, 'compile_for', fake_compile)
+    config = compile_check_config()
+    for limit, expected in ((1.0, 496), (3.0, 2496), (100.0, 4000)):
+        tried = []
+        best = compile_check.largest_batch(config, devices, limit, 0, 64,
+                                           on_try=lambda n: tried.append(n['global_batch']))
+        assert best == expected, (limit, best, tried)
+        assert tried[:2] == [64, 128]
+    config.train.micro_batches = 4
+    assert compile_check.largest_batch(config, devices, 1.0, 0, 64) == 480  # multiples of 32
+    rough = compile_check.largest_batch(config, devices, 3.0, 0, 64, precision=0.25)
+    assert rough % 32 == 0 and size(rough) <= 3.0 and rough >= 0.75 * 2496
+
+
+def compile_check_config():
+    import importlib.util as util
+    spec = util.spec_from_file_location('tiny_test', CONFIG)
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.mesh.data, config.mesh.fsdp = 8, 1
+    return config

@@ -97,7 +97,8 @@ def square_buffers(hlo: str, n: int) -> list[str]:
 
 
 def compiled_loss(mesh, batch, teacher):
-    return loss_memory.compile_loss(mesh, batch, 64, teacher)
+    return loss_memory.compile_loss(mesh, batch, 64,
+                                    'psd_second_pass' if teacher else 'psd_same_pass')
 
 
 @pytest.mark.parametrize('teacher', [False, True], ids=['same_pass', 'second_pass'])

@@ -74,6 +74,24 @@ def prepare(name: str, data_dir: str | pathlib.Path | None = None, config: str |
     return builder
 
 
+def require_prepared(name: str, data_dir: str | pathlib.Path | None = None,
+                     config: str | None = None, path: str | None = None) -> None:
+    """For multi-host runs, which never prepare a path-based dataset (CC12M takes hours in one
+    process, while every other host would wait): ValueError naming the dataset, the data_dir
+    and the command that prepares it, unless it is already prepared there."""
+    data_dir = str(data_dir or default_data_dir())
+    config = config or 'default'
+    builder = BUILDERS[name](data_dir=data_dir, config=CONFIGS[name](name=config, path=path))
+    if not builder.is_prepared():
+        raise ValueError(
+            f'dataset {name}/{config} is not prepared in data_dir {data_dir} '
+            '(config.data.data_dir), and a multi-host run does not prepare data: one host '
+            'would work for hours while the others wait. Prepare it once, on one machine, into '
+            'a data_dir every host reads (gs:// on a pod): python -m psd_jax.data.datasets '
+            f'{name} --path {path} --config {config} --data_dir {data_dir}; then train with '
+            f'--config.data.data_dir={data_dir}')
+
+
 def _describe(source: dict | None) -> str:
     if not source:
         return 'an unrecorded source'

@@ -21,13 +21,18 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Callable:
 def open_split(config: ml_collections.ConfigDict, split: str, dataset: str | None = None,
                builder_config: str | None = None, path: str | None = None) -> Any:
     """A split's random-access source (default: the training dataset), preparing the dataset
-    first when the project knows how (process 0 prepares, the others wait)."""
+    first when the project knows how: on one host; on several, process 0 prepares the small
+    demo sets while the others wait, and the user's path-based datasets must have been
+    prepared beforehand (datasets.require_prepared says how)."""
     dataset = dataset or config.data.dataset
     if dataset == config.data.dataset and builder_config is None:
         builder_config, path = config.data.builder_config, config.data.path
     data_dir = config.data.data_dir or None
-    if dataset in datasets.BUILDERS:
-        if jax.process_index() == 0:
+    if dataset in datasets.CONFIGS and jax.process_count() > 1:
+        # the user's data on a pod: prepared beforehand, never by the run (every host checks)
+        datasets.require_prepared(dataset, data_dir, builder_config or None, path or None)
+    elif dataset in datasets.BUILDERS:  # one host; or the small demo sets, which process 0
+        if jax.process_index() == 0:    # prepares in seconds while the others wait
             datasets.prepare(dataset, data_dir, builder_config or None, path or None)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
