@@ -146,7 +146,7 @@ def largest_batch(config, devices, hbm: float, dataset_size: int, start: int,
     return low * unit
 
 
-def report(label: str, numbers: dict, hbm: float | None) -> bool:
+def report(label: str, numbers: dict, hbm: float | None, scanned: bool = False) -> bool:
     """Print the table; returns whether the step fits."""
     print(f'train step on {label}, global batch {numbers["global_batch"]}, mesh '
           f'{numbers["mesh"]}, compiled in {numbers["compile_s"]:.1f} s')
@@ -156,7 +156,8 @@ def report(label: str, numbers: dict, hbm: float | None) -> bool:
     for key in ('argument', 'output', 'temp', 'alias', 'total'):
         print(f'  {key + " GiB/device":>22}: {numbers[key + "_gib"]:.3f}')
     print(f'  {"TFLOP/step":>22}: {numbers["flops_per_step"] / 1e12:.3f} '
-          f'({numbers["flops_per_device"] / 1e12:.3f} per device)')
+          f'({numbers["flops_per_device"] / 1e12:.3f} per device)'
+          + (' (undercounted: XLA counts a scanned loop\'s body once)' if scanned else ''))
     if hbm is None:
         print('  no HBM limit for these devices: nothing to fit against')
         return True
@@ -178,7 +179,7 @@ def main(argv) -> None:
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    fits = report(label, numbers, hbm)
+    fits = report(label, numbers, hbm, FLAGS.config.model.scan_layers)
     if FLAGS.max_batch and hbm is not None:
         best = largest_batch(FLAGS.config, devices, hbm, FLAGS.dataset_size,
                              FLAGS.config.data.global_batch)

@@ -297,6 +297,11 @@ def _loss_and_grads(setup: StepSetup, state: TrainState, batch: dict,
 
 def train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch. Pure: the same inputs give the same outputs."""
+    with shd.activation_rules(setup.mesh):
+        return _train_step(setup, state, batch)
+
+
+def _train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     batch_size = batch['image'].shape[0]
     batch_lib.check(batch, batch_spec(setup, batch_size), 'train_step batch')
     step_rng = jax.random.fold_in(state.rng, state.step)

@@ -28,11 +28,13 @@ def _embed_fns(model, mesh):
 
     @functools.partial(jax.jit, out_shardings=rows)
     def images(variables, x):
-        return model.apply(variables, x, method=model.encode_image)
+        with shd.activation_rules(mesh):
+            return model.apply(variables, x, method=model.encode_image)
 
     @functools.partial(jax.jit, out_shardings=rows)
     def texts(variables, t):
-        return model.apply(variables, t, method=model.encode_text)
+        with shd.activation_rules(mesh):
+            return model.apply(variables, t, method=model.encode_text)
 
     return {'image': images, 'text': texts}
 

@@ -7,6 +7,7 @@ float32; the compute dtype is a module attribute (float32 or bfloat16).
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,6 +17,16 @@ import jax.numpy as jnp
 Dtype = Any
 
 LN_EPSILON = 1e-5  # CLIP's LayerNorm epsilon (PyTorch default).
+# Where activations' batch dimension lives, set while tracing by
+# psd_jax.sharding.activation_rules (a NamedSharding over the data axes; None: no constraint).
+ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar('activation_sharding',
+                                                                     default=None)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keep x's leading (batch) dimension split as ACTIVATION_SHARDING says, if set."""
+    sharding = ACTIVATION_SHARDING.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def normal(stddev: float, axes: tuple[str | None, ...]) -> Callable:
@@ -129,6 +140,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        # keep the batch split inside a scanned stack (else XLA may replicate it in the loop)
+        x = constrain_batch(x)
         h = layer_norm(self.dtype, name='ln1')(x)
         x = x + SelfAttention(self.heads, self.causal, self.attn_std, self.proj_std, self.dtype,
                               name='attn')(h)
