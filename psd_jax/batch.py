@@ -6,9 +6,10 @@ batches, and the benchmarks and tests draw their synthetic batches from it. docs
 ("The batch") says which step setups need which keys.
 
 Keys (B: the global batch, S: the model's image size, L: its context length):
-- 'image': float32 (B, S, S, 3), the augmented view, CLIP-normalised;
+- 'image': uint8 (B, S, S, 3), the augmented view's RGB pixels (the model normalises them on
+  the device: a quarter of float32's bytes cross from host to device);
 - 'text': int32 (B, L), token ids;
-- 'teacher_image': float32 (B, S, S, 3), the un-augmented centre crop, for teachers that run a
+- 'teacher_image': uint8 (B, S, S, 3), the un-augmented centre crop, for teachers that run a
   stop-gradient forward (second pass, EMA);
 - 'index': int32 (B,), each pair's position in the training set, for teachers that find a
   pair's earlier embeddings by it (embedding bank, previous step).
@@ -21,7 +22,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
-IMAGE_DTYPE = np.dtype(np.float32)
+IMAGE_DTYPE = np.dtype(np.uint8)
 TEXT_DTYPE = np.dtype(np.int32)
 INDEX_DTYPE = np.dtype(np.int32)
 
@@ -66,7 +67,7 @@ def check(batch: Mapping, spec: Mapping[str, jax.ShapeDtypeStruct], what: str = 
 
 def synthetic(spec: Mapping[str, jax.ShapeDtypeStruct], rng: np.random.Generator,
               vocab_size: int = 1000, dataset_size: int | None = None) -> dict[str, np.ndarray]:
-    """Random host arrays shaped as `spec` (benchmarks and tests): standard-normal images,
+    """Random host arrays shaped as `spec` (benchmarks and tests): uniform uint8 pixels,
     token ids in [1, vocab_size), distinct dataset indices in [0, dataset_size)."""
     out = {}
     for key, s in spec.items():
@@ -75,6 +76,8 @@ def synthetic(spec: Mapping[str, jax.ShapeDtypeStruct], rng: np.random.Generator
         elif key == 'index':
             n = s.shape[0] if dataset_size is None else dataset_size
             out[key] = rng.permutation(n)[:s.shape[0]].astype(s.dtype)
+        elif np.dtype(s.dtype) == np.uint8:
+            out[key] = rng.integers(0, 256, s.shape, dtype=np.uint8)
         else:
             out[key] = rng.standard_normal(s.shape).astype(s.dtype)
     return out

@@ -93,7 +93,7 @@ def batches(images, tokens, size):
 
 def test_padding_and_sharding_do_not_change_embeddings(devices, tiny_model, rng):
     model, variables = tiny_model
-    images = rng.standard_normal((21, 32, 32, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)  # as the pipeline sends
     tokens = rng.integers(1, 999, (21, 16)).astype(np.int32)
     eight = sharding.make_mesh({'data': 8}, devices)
     one = sharding.make_mesh({'data': 1}, devices[:1])

@@ -116,3 +116,20 @@ def test_bad_model_input_is_named():
     model = build_model('tiny')
     with pytest.raises(ValueError, match='spatial shape'):
         model.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)), jnp.zeros((1, 16), jnp.int32))
+
+
+def test_uint8_pixels_are_normalised_on_the_device(rng):
+    """The pipeline sends uint8 pixels; the model's normalisation equals the host-side CLIP
+    normalisation, so uint8 in gives the embeddings of normalised floats in."""
+    from psd_jax.data import pipeline
+    from psd_jax.models.clip import normalize_pixels
+    pixels = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    host = pipeline.normalize(pixels)
+    np.testing.assert_allclose(np.asarray(normalize_pixels(jnp.asarray(pixels))), host,
+                               rtol=1e-6, atol=1e-6)
+    model = build_model('tiny')
+    tokens = rng.integers(1, 999, (3, 16)).astype(np.int32)
+    params = model.init(jax.random.key(0), host, tokens)
+    a = model.apply(params, pixels, tokens)['image']
+    b = model.apply(params, host, tokens)['image']
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -21,8 +21,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from psd_jax.models.clip import CLIP_MEAN as _MEAN, CLIP_STD as _STD
+
+CLIP_MEAN = np.array(_MEAN, np.float32)
+CLIP_STD = np.array(_STD, np.float32)
 
 
 def _as_text(x: Any) -> str:
@@ -30,8 +32,13 @@ def _as_text(x: Any) -> str:
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 with CLIP's mean/std."""
+    """uint8 (H, W, 3) -> float32 with CLIP's mean/std, on the host (the batches carry uint8;
+    the model normalises them on the device: models.clip.normalize_pixels)."""
     return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(image, np.uint8)
 
 
 def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
@@ -175,7 +182,8 @@ class Subset(grain.RandomAccessDataSource):
 
 @dataclasses.dataclass
 class Preprocess(grain.RandomMapTransform):
-    """Decoded tfds record -> {'image': float32 (S, S, 3), 'text': int32 (L,), ...labels}."""
+    """Decoded tfds record -> {'image': uint8 (S, S, 3) pixels, 'text': int32 (L,), ...labels}
+    (the model normalises the pixels on the device)."""
     image_size: int
     tokenizer: Callable
     context_length: int
@@ -193,11 +201,11 @@ class Preprocess(grain.RandomMapTransform):
         out = {}
         if self.train:
             if self.teacher_view:
-                out['teacher_image'] = normalize(resize_center_crop(image, self.image_size))
+                out['teacher_image'] = _uint8(resize_center_crop(image, self.image_size))
             view = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
         else:
             view = resize_center_crop(image, self.image_size)
-        out['image'] = normalize(view)
+        out['image'] = _uint8(view)
         out['text'] = self.tokenizer(_as_text(record['caption']), self.context_length)
         for key in self.keep:
             if key in record:
