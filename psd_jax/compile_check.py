@@ -84,7 +84,7 @@ def devices_for(topology: str | None, cpu_devices: int) -> tuple[list, str, floa
 
 def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
     """Compile the config's train step at `global_batch` on `devices`; its numbers."""
-    from psd_jax import config as config_lib, sharding, step
+    from psd_jax import config as config_lib, mfu, sharding, step
     config = config.copy_and_resolve_references()
     config.data.global_batch = global_batch
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
@@ -103,11 +103,9 @@ def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
                 'error': str(e).splitlines()[0][:300]}
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
     gib = 2 ** 30
     out = {'global_batch': global_batch, 'mesh': dict(mesh.shape), 'compile_s': seconds,
-           'flops_per_device': float(cost.get('flops', 0.0))}
+           'flops_per_device': mfu.step_flops(compiled)}
     for key in ('argument', 'output', 'temp', 'alias'):
         out[f'{key}_gib'] = getattr(memory, f'{key}_size_in_bytes', 0) / gib
     out['total_gib'] = out['argument_gib'] + out['output_gib'] + out['temp_gib'] - out[

@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.keep_every = 0  # also keep every N-th step's checkpoint (0: none)
     config.train.eval_every = 0  # 0: only at the end
+    # (first, last): a jax.profiler trace of those steps into <workdir>/profile (TensorBoard's
+    # profile tab or Perfetto); (): none
+    config.train.profile_steps = ()
     config.train.transfer_guard = 'allow'  # around the step loop: allow | log | disallow
     # a step with a non-finite loss, gradient norm or update is not applied; 'skip': stop after
     # nonfinite_limit such steps in a row, 'stop': at the first (psd_jax/guard.py)
@@ -118,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.metrics = C()
     config.metrics.tensorboard = True
     config.metrics.wandb_project = ''
-    config.metrics.peak_flops_per_device = 0.0  # for MFU; 0: not reported
+    # for MFU; 0: the device's peak from psd_jax/mfu.py's table (a matmul probe on CPUs)
+    config.metrics.peak_flops_per_device = 0.0
     return config
 
 
@@ -182,6 +186,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'{config.train.keep_checkpoints}: must be >= 1 (0 would delete every checkpoint)')
     _check(config.train.keep_every >= 0, 'train.keep_every', 'must be >= 0 (0: none)')
     _check(config.train.eval_every >= 0, 'train.eval_every', 'must be >= 0 (0: at the end)')
+    profile = tuple(config.train.profile_steps)
+    _check(not profile or (len(profile) == 2 and 1 <= profile[0] <= profile[1]
+                           <= config.train.steps), 'train.profile_steps',
+           f'{profile}: must be () or (first, last) with 1 <= first <= last <= train.steps')
     _check(config.train.nonfinite in guard.POLICIES, 'train.nonfinite',
            f'{config.train.nonfinite!r} is not one of {list(guard.POLICIES)}')
     _check(config.train.nonfinite_limit >= 1, 'train.nonfinite_limit', 'must be >= 1')

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 MAY_CHANGE = (
     'train.steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
     'train.keep_every', 'train.eval_every', 'train.transfer_guard', 'train.nonfinite',
-    'train.nonfinite_limit', 'train.resume_allow_changes', 'eval.', 'metrics.', 'mesh.',
+    'train.nonfinite_limit', 'train.resume_allow_changes', 'train.profile_steps', 'eval.',
+    'metrics.', 'mesh.',
     'param_sharding', 'loss.impl', 'loss.tile',  # the same loss, computed another way
     'train.micro_batches', 'model.remat',  # the same gradient, with other memory
     'model.scan_layers',  # the checkpoint's layout is converted on restore (psd_jax/layout.py)

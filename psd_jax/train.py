@@ -17,6 +17,7 @@ from etils import epath
 
 from psd_jax import batch as batch_lib
 from psd_jax import checkpointing, config as config_lib, guard, layout, metrics, resume, sharding
+from psd_jax import mfu as mfu_lib
 from psd_jax import step
 from psd_jax import workdir as workdir_lib
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
@@ -101,7 +102,7 @@ def compile_step(setup: step.StepSetup, shardings: step.TrainState,
     if memory is not None:
         logging.info('train step memory per device: %.1f MiB temporaries, %.1f MiB arguments',
                      memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20)
-    return compiled, float((compiled.cost_analysis() or {}).get('flops', 0.0))
+    return compiled, mfu_lib.step_flops(compiled)
 
 
 def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
@@ -186,6 +187,14 @@ class Loop:
         self.config_dict = json.loads(self.config.to_json_best_effort())
         self.tick, self.tick_step = time.perf_counter(), 0
         self.last: dict[str, float] = {}  # the last logged metrics
+        device = self.setup.mesh.devices.flat[0]
+        self.peak, source = mfu_lib.peak_flops(self.config.metrics.peak_flops_per_device,
+                                               device, self.config.model.dtype)
+        if self.peak is None:
+            logging.warning('MFU not reported: peak FLOP/s %s', source)
+        else:
+            logging.info('MFU against %.1f TFLOP/s per device (%s); %.3f TFLOP per step and '
+                         'device', self.peak / 1e12, source, self.flops / 1e12)
 
     def run(self, state, start: int, iterator) -> tuple[Any, bool]:
         """Steps from `start` to train.steps; returns (state, whether a preemption stopped
@@ -195,9 +204,11 @@ class Loop:
         with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as preempted:
             for done in range(start + 1, self.config.train.steps + 1):
                 batch = next(iterator)
+                self.profile(done, 'start')
                 with jax.transfer_guard(self.config.train.transfer_guard):  # explicit copies only
                     state, step_metrics = self.train_step(
                         state, to_global(batch, self.spec, self.setup.mesh))
+                self.profile(done, 'stop', state)
                 if self.log(done, step_metrics):
                     self.check_health(done, state)
                 self.evaluate_if_due(done, state)
@@ -209,6 +220,19 @@ class Loop:
                 self.checkpoint_if_due(done, state, iterator)
         return state, False
 
+    def profile(self, done: int, event: str, state: Any = None) -> None:
+        """Start a jax.profiler trace before step train.profile_steps[0]; stop it after
+        step [1] (once the step's work is done), into <workdir>/profile."""
+        steps = tuple(self.config.train.profile_steps)
+        if not steps:
+            return
+        if event == 'start' and done == steps[0]:
+            jax.profiler.start_trace(str(self.workdir / 'profile'))
+        elif event == 'stop' and done == steps[1]:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            logging.info('profile of steps %d-%d written to %s', *steps, self.workdir / 'profile')
+
     def log(self, done: int, step_metrics: dict) -> dict | None:
         """Write the step's metrics (with step time, images/s, MFU) when a log step is due."""
         train = self.config.train
@@ -219,8 +243,9 @@ class Loop:
         per_step = (time.perf_counter() - self.tick) / max(done - self.tick_step, 1)
         scalars.update(step_time_s=per_step,
                        images_per_s=self.config.data.global_batch / per_step)
-        if self.flops and self.config.metrics.peak_flops_per_device:
-            scalars['mfu'] = self.flops / per_step / self.config.metrics.peak_flops_per_device
+        utilisation = mfu_lib.mfu(self.flops, per_step, self.peak)
+        if utilisation is not None:
+            scalars['mfu'] = utilisation
         self.writer.write(done, scalars)
         self.writer.advance(done)
         self.tick, self.tick_step = time.perf_counter(), done

@@ -173,10 +173,15 @@ def test_standalone_evaluation_reproduces_the_in_loop_numbers(tmp_path):
     evaluators = "--config.eval.evaluators=('retrieval','zero_shot')"
     trained = subprocess.run(
         [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}', f'--workdir={workdir}',
-         '--config.train.steps=4', evaluators, '--config.metrics.tensorboard=False'],
+         '--config.train.steps=4', evaluators, '--config.metrics.tensorboard=False',
+         '--config.train.profile_steps=(2,3)'],
         env=env(), capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
     in_loop = json.loads((workdir / 'final_metrics.json').read_text())
+    # MFU against a CPU matmul probe: emulated devices share the cores, so well below 1
+    assert 0.0 < in_loop['mfu'] < 1.0 and 'matmul probe' in trained.stderr
+    traces = list((workdir / 'profile').rglob('*.xplane.pb'))
+    assert traces and traces[0].stat().st_size > 0  # the trace of steps 2-3
     standalone = subprocess.run(
         [sys.executable, '-m', 'psd_jax.evaluate', f'--config={CONFIG}', f'--workdir={workdir}',
          evaluators], env=env(), capture_output=True, text=True, timeout=300)
