@@ -48,14 +48,17 @@ def merge(x: jax.Array, shards: int) -> jax.Array:
 
 def grads(embed: Callable[[Any, dict], dict], params: Any, batch: dict,
           loss_of: Callable[[dict], tuple[jax.Array, Any]], k: int,
-          shards: int) -> tuple[tuple[jax.Array, Any], Any, dict]:
+          shards: int, rng: jax.Array) -> tuple[tuple[jax.Array, Any], Any, dict]:
     """((loss, aux), parameter gradients, full-batch embeddings) by GradCache.
 
     embed(params, micro_batch) -> {'image': (m, D), 'text': (m, D), ...}: the model's
-    outputs; loss_of({'image', 'text', 'logit_scale'[, 'logit_bias']} of the whole batch) ->
-    (loss, aux); the scale (and bias) are the parameters themselves."""
+    outputs for {'image', 'text', 'rng'} (micro-batch j's key is split(rng, k)[j] in both of
+    its forwards, so randomness such as patch dropout is the same when it is recomputed);
+    loss_of({'image', 'text', 'logit_scale'[, 'logit_bias']} of the whole batch) -> (loss,
+    aux); the scale (and bias) are the parameters themselves."""
     micro = {key: split(value, k, shards) for key, value in batch.items()
              if key in ('image', 'text')}
+    micro['rng'] = jax.random.split(rng, k)
 
     def no_grad(_, mb):
         out = jax.lax.stop_gradient(embed(params, mb))

@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     # checkpoint keeps the layout it was written with)
     config.model.remat = 'none'
     config.model.scan_layers = False
+    # fraction of image patches a ViT drops at random in training (FLIP; 0: none): fewer
+    # tokens per image, a faster step
+    config.model.patch_dropout = 0.0
 
     config.data = C()
     config.data.dataset = 'emoji'  # a prepared tfds dataset, see psd_jax.data.datasets
@@ -173,6 +176,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.data.global_batch > 0, 'data.global_batch', 'must be positive')
     _check(config.model.remat in REMAT_POLICIES, 'model.remat',
            f'{config.model.remat!r} is not one of {list(REMAT_POLICIES)}')
+    _check(0.0 <= config.model.patch_dropout < 1.0, 'model.patch_dropout',
+           f'{config.model.patch_dropout}: must be in [0, 1)')
     _check(config.train.micro_batches >= 1, 'train.micro_batches',
            f'{config.train.micro_batches}: must be >= 1 (1: no accumulation)')
     _check(0.0 <= config.data.caption_noise <= 1.0, 'data.caption_noise', 'must be in [0, 1]')
@@ -241,7 +246,8 @@ def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -
     training pairs, which sizes the embedding bank of psd.teacher='bank')."""
     loss = loss_config(config)
     model = build_model(model_spec(config), config.model.dtype, sigmoid=loss.kind == 'sigmoid',
-                        remat=config.model.remat, scan_layers=config.model.scan_layers)
+                        remat=config.model.remat, scan_layers=config.model.scan_layers,
+                        patch_dropout=config.model.patch_dropout)
     lr = schedules.warmup_cosine(config.optim.lr, config.train.steps, config.optim.warmup_steps,
                                  config.optim.end_lr_fraction)
     tx = step.make_optimizer(lr, config.optim.weight_decay, config.optim.b1, config.optim.b2,

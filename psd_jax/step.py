@@ -260,17 +260,19 @@ def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
 
 def _loss_and_grads(setup: StepSetup, state: TrainState, batch: dict,
                     teacher: losses.Teacher | None, subset: jax.Array | None,
-                    alpha: jax.Array) -> tuple[tuple[jax.Array, tuple], Any]:
+                    alpha: jax.Array, rng: jax.Array) -> tuple[tuple[jax.Array, tuple], Any]:
     """((loss, (loss parts, mutated batch_stats, {'image', 'text'} embeddings)), gradients) of
-    the global batch: one forward and backward, or GradCache over setup.micro_batches."""
+    the global batch: one forward and backward, or GradCache over setup.micro_batches. rng:
+    the training forward's randomness (patch dropout; one key per micro-batch)."""
     has_bn = bool(state.batch_stats)
 
-    def apply(params, images, texts):
+    def apply(params, images, texts, key):
         variables = {'params': params, 'batch_stats': state.batch_stats}
+        rngs = {'dropout': key}
         if has_bn:
-            return setup.model.apply(variables, images, texts, train=True,
+            return setup.model.apply(variables, images, texts, train=True, rngs=rngs,
                                      mutable=['batch_stats'])
-        return setup.model.apply(variables, images, texts, train=True), {}
+        return setup.model.apply(variables, images, texts, train=True, rngs=rngs), {}
 
     if setup.micro_batches > 1:
         n = shd.data_size(setup.mesh)
@@ -279,16 +281,16 @@ def _loss_and_grads(setup: StepSetup, state: TrainState, batch: dict,
         def embed(params, micro):
             images, texts = (jax.lax.with_sharding_constraint(
                 micro[key], shd.batch_sharding(setup.mesh)) for key in ('image', 'text'))
-            return apply(params, images, texts)[0]
+            return apply(params, images, texts, micro['rng'])[0]
 
         (loss, parts), grads, full = accumulate.grads(
             embed, state.params, batch,
             lambda out: compute_loss(setup, out, teacher, subset, alpha),
-            setup.micro_batches, n)
+            setup.micro_batches, n, rng)
         return (loss, (parts, {}, full)), grads
 
     def loss_fn(params):
-        out, mutated = apply(params, batch['image'], batch['text'])
+        out, mutated = apply(params, batch['image'], batch['text'], rng)
         loss, parts = compute_loss(setup, out, teacher, subset, alpha)
         return loss, (parts, mutated, {'image': out['image'], 'text': out['text']})
 
@@ -319,8 +321,8 @@ def _train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[Train
             teacher, subset = _previous_step_teacher(state, batch, batch_size)
         elif setup.loss.needs_teacher_forward:
             teacher = _forward_teacher(setup, state, batch, indices, batch_size)
-    (loss, (parts, mutated, embeddings)), grads = _loss_and_grads(setup, state, batch, teacher,
-                                                                  subset, alpha)
+    (loss, (parts, mutated, embeddings)), grads = _loss_and_grads(
+        setup, state, batch, teacher, subset, alpha, jax.random.fold_in(step_rng, 1))
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = {**params, 'logit_scale': clip_logit_scale(params['logit_scale'])}

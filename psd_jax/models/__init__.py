@@ -62,7 +62,8 @@ def preset(name: str, **overrides: Any) -> ModelSpec:
 
 
 def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = False,
-                remat: str = 'none', scan_layers: bool = False) -> DualEncoder:
+                remat: str = 'none', scan_layers: bool = False,
+                patch_dropout: float = 0.0) -> DualEncoder:
     """A `DualEncoder` computing in `dtype` ('float32' or 'bfloat16') with float32 parameters;
     `sigmoid`: SigLIP's initial scale (t = 10) and a logit bias (-10), else CLIP's t = 1/0.07.
     `remat` (none | minimal | full) and `scan_layers` apply to every transformer stack (the
@@ -79,8 +80,12 @@ def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = F
     kind = image.pop('kind', None)
     if kind == 'vit':
         tower = VisionTransformer(image_size=spec.image_size, embed_dim=spec.embed_dim,
-                                  act=spec.act, dtype=compute, **levers, **image)
+                                  act=spec.act, dtype=compute, patch_dropout=patch_dropout,
+                                  **levers, **image)
     elif kind == 'resnet':
+        if patch_dropout:
+            raise ValueError(f'model.patch_dropout={patch_dropout}: a ResNet image tower has no '
+                             'patches to drop; use a ViT preset or 0')
         tower = ModifiedResNet(image_size=spec.image_size, embed_dim=spec.embed_dim,
                                dtype=compute, **image)
     else:

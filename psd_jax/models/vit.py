@@ -29,10 +29,10 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = 'none'  # layers.REMAT_POLICIES
     scan_layers: bool = False
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped in training (FLIP)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no dropout or batch statistics in this tower
         if self.pool not in POOLS:
             raise ValueError(f'pool={self.pool!r} is not known; allowed: {list(POOLS)}')
         if self.image_size % self.patch_size:
@@ -54,6 +54,8 @@ class VisionTransformer(nn.Module):
         pos = self.param('positional_embedding', normal(scale, (None, 'embed')),
                          (x.shape[1], self.width))
         x = x + pos.astype(self.dtype)
+        if train and self.patch_dropout > 0:
+            x = self._drop_patches(x)
         x = layer_norm(self.dtype, name='ln_pre')(x)
         x = Transformer(self.depth, self.heads, self.mlp_ratio, self.act, causal=False,
                         dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
@@ -62,3 +64,17 @@ class VisionTransformer(nn.Module):
         pooled = layer_norm(self.dtype, name='ln_post')(pooled)
         proj = self.param('proj', normal(scale, ('embed', 'joint')), (self.width, self.embed_dim))
         return pooled @ proj.astype(self.dtype)
+
+    def _drop_patches(self, x: jax.Array) -> jax.Array:
+        """Keep a random round((1 - patch_dropout) n) of each example's n patch tokens (and
+        the class token), after the positions are added: the transformer then runs on fewer
+        tokens (FLIP, arXiv 2212.00794). Uses the 'dropout' RNG stream."""
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f'model.patch_dropout={self.patch_dropout} must be in [0, 1)')
+        first = 1 if self.pool == 'token' else 0
+        patches = x[:, first:]
+        keep = max(1, round(patches.shape[1] * (1.0 - self.patch_dropout)))
+        noise = jax.random.uniform(self.make_rng('dropout'), patches.shape[:2])
+        order = jnp.argsort(noise, axis=1)[:, :keep]
+        kept = jnp.take_along_axis(patches, order[:, :, None], axis=1)
+        return jnp.concatenate([x[:, :first], kept], axis=1)
