@@ -1,6 +1,7 @@
 """Train-step time of CLIP vs PSD (each teacher source) on one config, same batch, same mesh.
 
     python benchmarks/step_time.py [--config configs/demo.py] [--steps 30] [--repeats 5]
+        [--variants clip 'psd ema' ...]
 
 Times the compiled train step alone (a fixed device-resident batch; no input pipeline): per
 variant, the median over --repeats runs of --steps steps each, after a warm-up. Variants are
@@ -24,6 +25,8 @@ VARIANTS = {
     'psd ema': {'kind': 'psd', 'teacher': 'ema'},
     'psd bank': {'kind': 'psd', 'teacher': 'bank'},
     'psd previous_step': {'kind': 'psd', 'teacher': 'previous_step'},
+    'clip patch_dropout 0.5': {'kind': 'clip', 'patch_dropout': 0.5},
+    'psd ema patch_dropout 0.5': {'kind': 'psd', 'teacher': 'ema', 'patch_dropout': 0.5},
 }
 BANK_SIZE = 2048  # pairs in the embedding bank (the emoji training set has 1,911)
 
@@ -46,6 +49,7 @@ def prepare(config_path: str, mesh, variant: dict) -> dict:
     config.loss.kind = variant['kind']
     if 'teacher' in variant:
         config.loss.psd.teacher = variant['teacher']
+    config.model.patch_dropout = variant.get('patch_dropout', 0.0)
     config.loss.alpha_schedule = 'constant'  # distillation active at every timed step
     setup = config_lib.step_setup(config, mesh, dataset_size=BANK_SIZE)
     shardings = step.state_shardings(setup, config.param_sharding)
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument('--config', default=str(root / 'configs' / 'demo.py'))
     parser.add_argument('--steps', type=int, default=30)
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS),
+                        help='which to time (clip always, as the reference)')
     parser.add_argument('--out', default=str(root / 'benchmarks' / 'results' / 'step_time.json'))
     args = parser.parse_args()
 
@@ -80,7 +86,8 @@ def main() -> None:
     base = load_config(args.config)
     mesh = sharding.make_mesh(base.mesh.to_dict())
     b, s = base.data.global_batch, base.model.image_size
-    runs = {name: prepare(args.config, mesh, variant) for name, variant in VARIANTS.items()}
+    names = ['clip'] + [n for n in args.variants if n != 'clip']
+    runs = {name: prepare(args.config, mesh, VARIANTS[name]) for name in names}
     for _ in range(args.repeats):
         for name, r in runs.items():
             start = time.perf_counter()
@@ -91,13 +98,13 @@ def main() -> None:
     clip = statistics.median(runs['clip']['times'])
     print(f'{pathlib.Path(args.config).name}: batch {b}, {s} px, {sharding.describe(mesh)}; '
           f'median of {args.repeats} x {args.steps} steps')
-    print(f'{"variant":>16} {"ms/step":>9} {"vs CLIP":>8}')
+    print(f'{"variant":>26} {"ms/step":>9} {"vs CLIP":>8}')
     rows = []
     for name, r in runs.items():
         t = statistics.median(r['times'])
         rows.append({'variant': name, 'ms_per_step': 1e3 * t, 'ratio_to_clip': t / clip,
                      'runs_ms': [1e3 * x for x in r['times']]})
-        print(f'{name:>16} {1e3 * t:>9.1f} {t / clip:>8.3f}')
+        print(f'{name:>26} {1e3 * t:>9.1f} {t / clip:>8.3f}')
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({'config': pathlib.Path(args.config).name, 'rows': rows},

@@ -16,7 +16,7 @@ from psd_jax import guard, losses, schedules, sharding, step
 from psd_jax.evaluation import run as evaluation
 from psd_jax.data import builders, datasets, pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
-from psd_jax.models.layers import REMAT_POLICIES
+from psd_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 
 C = ml_collections.ConfigDict
 
@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     # fraction of image patches a ViT drops at random in training (FLIP; 0: none): fewer
     # tokens per image, a faster step
     config.model.patch_dropout = 0.0
+    # xla | cudnn (fused flash attention on NVIDIA GPUs; needs model.dtype='bfloat16')
+    config.model.attention = 'xla'
 
     config.data = C()
     config.data.dataset = 'emoji'  # a prepared tfds dataset, see psd_jax.data.datasets
@@ -176,6 +178,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.data.global_batch > 0, 'data.global_batch', 'must be positive')
     _check(config.model.remat in REMAT_POLICIES, 'model.remat',
            f'{config.model.remat!r} is not one of {list(REMAT_POLICIES)}')
+    _check(config.model.attention in ATTENTION_IMPLS, 'model.attention',
+           f'{config.model.attention!r} is not one of {list(ATTENTION_IMPLS)}')
     _check(0.0 <= config.model.patch_dropout < 1.0, 'model.patch_dropout',
            f'{config.model.patch_dropout}: must be in [0, 1)')
     _check(config.train.micro_batches >= 1, 'train.micro_batches',
@@ -245,9 +249,13 @@ def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -
     """The static parts of the train step, from the config (`dataset_size`: the number of
     training pairs, which sizes the embedding bank of psd.teacher='bank')."""
     loss = loss_config(config)
+    platform = mesh.devices.flat[0].platform
+    _check(config.model.attention != 'cudnn' or platform == 'gpu', 'model.attention',
+           f"'cudnn' runs on NVIDIA GPUs; these devices are {platform}: use 'xla'")
     model = build_model(model_spec(config), config.model.dtype, sigmoid=loss.kind == 'sigmoid',
                         remat=config.model.remat, scan_layers=config.model.scan_layers,
-                        patch_dropout=config.model.patch_dropout)
+                        patch_dropout=config.model.patch_dropout,
+                        attention=config.model.attention)
     lr = schedules.warmup_cosine(config.optim.lr, config.train.steps, config.optim.warmup_steps,
                                  config.optim.end_lr_fraction)
     tx = step.make_optimizer(lr, config.optim.weight_decay, config.optim.b1, config.optim.b2,

@@ -22,7 +22,8 @@ MAY_CHANGE = (
     'train.nonfinite_limit', 'train.resume_allow_changes', 'train.profile_steps', 'eval.',
     'metrics.', 'mesh.',
     'param_sharding', 'loss.impl', 'loss.tile',  # the same loss, computed another way
-    'train.micro_batches', 'model.remat',  # the same gradient, with other memory
+    'train.micro_batches', 'model.remat', 'model.attention',  # the same values, computed
+    # with other memory or kernels
     'model.scan_layers',  # the checkpoint's layout is converted on restore (psd_jax/layout.py)
 )
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from psd_jax import config as config_lib
-from psd_jax import layout
+from psd_jax import layout, sharding
 from psd_jax.models import build_model, preset
 
 SPEC = preset('tiny', image=dict(kind='vit', patch_size=8, width=32, depth=3, heads=2))
@@ -71,7 +71,7 @@ def test_scanned_layout_round_trips(plain):
     assert jax.tree.structure(layout.convert(scanned, True)) == jax.tree.structure(scanned)
 
 
-def test_an_unknown_remat_policy_is_named():
+def test_unknown_levers_are_named(devices):
     config = config_lib.base_config()
     config.model.remat = 'some'
     with pytest.raises(ValueError, match=r"model.remat.*'some'.*\['none', 'minimal', 'full'\]"):
@@ -82,6 +82,17 @@ def test_an_unknown_remat_policy_is_named():
     config.train.micro_batches = 0
     with pytest.raises(ValueError, match='train.micro_batches'):
         config_lib.validate(config)
+    config = config_lib.base_config()
+    config.model.attention = 'flash'
+    with pytest.raises(ValueError, match=r"model.attention.*'flash'.*\['xla', 'cudnn'\]"):
+        config_lib.validate(config)
+    with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype='bfloat16'"):
+        build_model('tiny', attention='cudnn')
+    config.model.attention, config.model.dtype = 'cudnn', 'bfloat16'
+    mesh = sharding.make_mesh({'data': 1}, devices[:1])
+    with pytest.raises(ValueError, match="model.attention.*runs on NVIDIA GPUs; these devices "
+                                         'are cpu'):
+        config_lib.step_setup(config, mesh)
 
 
 def test_scanned_blocks_keep_the_batch_split(devices):

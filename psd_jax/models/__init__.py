@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from psd_jax.models.clip import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, DualEncoder,
                                  l2_normalize, logit_scale_value)
-from psd_jax.models.layers import check_remat
+from psd_jax.models.layers import check_attention, check_remat
 from psd_jax.models.resnet import ModifiedResNet
 from psd_jax.models.text import TextTransformer
 from psd_jax.models.vit import VisionTransformer
@@ -63,7 +63,7 @@ def preset(name: str, **overrides: Any) -> ModelSpec:
 
 def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = False,
                 remat: str = 'none', scan_layers: bool = False,
-                patch_dropout: float = 0.0) -> DualEncoder:
+                patch_dropout: float = 0.0, attention: str = 'xla') -> DualEncoder:
     """A `DualEncoder` computing in `dtype` ('float32' or 'bfloat16') with float32 parameters;
     `sigmoid`: SigLIP's initial scale (t = 10) and a logit bias (-10), else CLIP's t = 1/0.07.
     `remat` (none | minimal | full) and `scan_layers` apply to every transformer stack (the
@@ -75,7 +75,8 @@ def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = F
         raise ValueError(f'model dtype={dtype!r} is not known; allowed: {sorted(DTYPES)}')
     check_remat(remat)
     compute = DTYPES[dtype]
-    levers = {'remat': remat, 'scan_layers': scan_layers}
+    check_attention(attention, compute)
+    levers = {'remat': remat, 'scan_layers': scan_layers, 'attention': attention}
     image = dict(spec.image)
     kind = image.pop('kind', None)
     if kind == 'vit':

@@ -62,16 +62,32 @@ def activation(name: str) -> Callable:
     return ACTIVATIONS[name]
 
 
+# model.attention: jax.nn.dot_product_attention's implementation. xla: any backend; cudnn:
+# cuDNN's fused (flash) attention, NVIDIA GPUs only, float16 / bfloat16.
+ATTENTION_IMPLS = {'xla': 'xla', 'cudnn': 'cudnn'}
+
+
+def check_attention(attention: str, dtype: Any = None) -> None:
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f'model.attention={attention!r} is not known; allowed: '
+                         f'{list(ATTENTION_IMPLS)}')
+    if attention == 'cudnn' and dtype is not None and jnp.dtype(dtype) == jnp.float32:
+        raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN's fused "
+                         'attention takes float16 / bfloat16)')
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, as in CLIP (in_proj with bias).
 
     x: (batch, tokens, width) -> (batch, tokens, width). `causal` applies the text tower's mask.
+    `attention`: an ATTENTION_IMPLS key.
     """
     heads: int
     causal: bool = False
     in_std: float = 0.02
     out_std: float = 0.02
     dtype: Dtype = jnp.float32
+    attention: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,7 +100,8 @@ class SelfAttention(nn.Module):
             kernel_init=normal(self.in_std, ('embed', None, 'heads', 'kv')),
             bias_init=zeros((None, 'heads', 'kv')), name='qkv')(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                         implementation=ATTENTION_IMPLS[self.attention])
         return nn.DenseGeneral(
             features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=normal(self.out_std, ('heads', 'kv', 'embed')),
@@ -137,6 +154,7 @@ class Block(nn.Module):
     proj_std: float
     fc_std: float
     dtype: Dtype = jnp.float32
+    attention: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
@@ -144,7 +162,7 @@ class Block(nn.Module):
         x = constrain_batch(x)
         h = layer_norm(self.dtype, name='ln1')(x)
         x = x + SelfAttention(self.heads, self.causal, self.attn_std, self.proj_std, self.dtype,
-                              name='attn')(h)
+                              self.attention, name='attn')(h)
         h = layer_norm(self.dtype, name='ln2')(x)
         x = x + MLP(self.mlp_ratio, self.act, self.fc_std, self.proj_std, self.dtype,
                     name='mlp')(h)
@@ -167,6 +185,7 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = 'none'
     scan_layers: bool = False
+    attention: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -174,7 +193,8 @@ class Transformer(nn.Module):
         width = x.shape[-1]
         attn_std = width ** -0.5
         args = (self.heads, self.mlp_ratio, self.act, self.causal, attn_std,
-                attn_std * (2 * self.depth) ** -0.5, (2 * width) ** -0.5, self.dtype)
+                attn_std * (2 * self.depth) ** -0.5, (2 * width) ** -0.5, self.dtype,
+                self.attention)
         block = Block
         if self.remat != 'none':
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat],

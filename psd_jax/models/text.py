@@ -30,6 +30,7 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = 'none'  # layers.REMAT_POLICIES
     scan_layers: bool = False
+    attention: str = 'xla'  # layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -46,6 +47,7 @@ class TextTransformer(nn.Module):
         x = x + pos.astype(self.dtype)
         x = Transformer(self.depth, self.heads, self.mlp_ratio, self.act, causal=True,
                         dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+                        attention=self.attention,
                         name='transformer')(x)
         x = layer_norm(self.dtype, name='ln_final')(x)
         if self.pool == 'argmax':

@@ -29,6 +29,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = 'none'  # layers.REMAT_POLICIES
     scan_layers: bool = False
+    attention: str = 'xla'  # layers.ATTENTION_IMPLS
     patch_dropout: float = 0.0  # fraction of patch tokens dropped in training (FLIP)
 
     @nn.compact
@@ -59,6 +60,7 @@ class VisionTransformer(nn.Module):
         x = layer_norm(self.dtype, name='ln_pre')(x)
         x = Transformer(self.depth, self.heads, self.mlp_ratio, self.act, causal=False,
                         dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+                        attention=self.attention,
                         name='transformer')(x)
         pooled = x[:, 0] if self.pool == 'token' else x.mean(axis=1)
         pooled = layer_norm(self.dtype, name='ln_post')(pooled)
