@@ -43,14 +43,17 @@ def load(name: str, overrides: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--configs', nargs='+', default=list(TOPOLOGY), choices=list(TOPOLOGY))
+    parser.add_argument('--configs', nargs='*', default=list(TOPOLOGY), choices=list(TOPOLOGY))
     parser.add_argument('--levers', nargs='+', default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument('--micro_batches', type=int, default=8)
     parser.add_argument('--precision', type=float, default=0.1)
+    parser.add_argument('--own_only', action='store_true',
+                        help='only the config\'s own batch: no search for the largest')
     parser.add_argument('--scan_layers', action='store_true',
                         help='compile with model.scan_layers (faster compiles)')
     parser.add_argument('--compile_time', nargs='*', default=[], choices=list(TOPOLOGY),
                         help='configs whose compile time is measured with and without scan')
+    parser.add_argument('--compile_remat', default='full', help='model.remat for those')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'fit.json'))
     args = parser.parse_args()
     from psd_jax import compile_check
@@ -65,12 +68,14 @@ def main() -> None:
     for name in args.compile_time:
         devices, label, _ = compile_check.devices_for(TOPOLOGY[name], 0)
         for scan in (False, True):
-            config = load(name, {'model.scan_layers': scan})
+            config = load(name, {'model.scan_layers': scan, 'model.remat': args.compile_remat})
             numbers = compile_check.compile_for(config, devices, config.data.global_batch, 0)
-            row = {'config': name, 'topology': label, 'scan_layers': scan, **numbers}
-            print(f'{name} on {label}, scan_layers={scan}: compiled in '
-                  f'{numbers["compile_s"]:.1f} s, {numbers["total_gib"]:.2f} GiB/device',
-                  flush=True)
+            row = {'config': name, 'topology': label, 'scan_layers': scan,
+                   'remat': args.compile_remat, **numbers}
+            size = (f'{numbers["total_gib"]:.2f} GiB/device' if 'total_gib' in numbers
+                    else numbers.get('error', ''))
+            print(f'{name} on {label}, scan_layers={scan}, remat {args.compile_remat}: '
+                  f'compiled in {numbers["compile_s"]:.1f} s, {size}', flush=True)
             result['compile_time'].append(row)
             save()
     for name in args.configs:
@@ -89,8 +94,8 @@ def main() -> None:
             print(f'{name} on {label}, {lever}:', flush=True)
             start = time.perf_counter()
             own = compile_check.compile_for(config, devices, config.data.global_batch, 0)
-            best = compile_check.largest_batch(config, devices, hbm, 0,
-                                               config.data.global_batch, args.precision)
+            best = None if args.own_only else compile_check.largest_batch(
+                config, devices, hbm, 0, config.data.global_batch, args.precision)
             row = {'config': name, 'topology': label, 'hbm_gib': hbm, 'lever': lever,
                    'overrides': overrides, 'own_batch': config.data.global_batch,
                    'own_total_gib': own.get('total_gib'), 'own_fits': own['fits'] is not False
@@ -115,10 +120,11 @@ def print_table(result: dict) -> None:
         gib = '-' if row['own_total_gib'] is None else f'{row["own_total_gib"]:.2f}'
         print(f'{row["config"]:>18} {row["topology"]:>22} {row["lever"]:>13} '
               f'{row["own_batch"]:>9} {gib:>10} {str(row["own_fits"]):>5} '
-              f'{row["largest_batch"]:>13}')
+              f'{str(row["largest_batch"] or "-"):>13}')
     for row in result['compile_time']:
-        print(f'{row["config"]} scan_layers={row["scan_layers"]}: compile '
-              f'{row["compile_s"]:.1f} s, {row["total_gib"]:.2f} GiB/device')
+        size = f'{row["total_gib"]:.2f} GiB/device' if 'total_gib' in row else row['error']
+        print(f'{row["config"]} scan_layers={row["scan_layers"]} remat {row["remat"]}: '
+              f'compile {row["compile_s"]:.1f} s, {size}')
 
 
 if __name__ == '__main__':
