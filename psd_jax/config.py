@@ -22,9 +22,10 @@ C = ml_collections.ConfigDict
 
 
 def loss_defaults() -> dict:
-    """config.loss.psd's keys and defaults: LossConfig's fields but kind, impl and tile."""
+    """config.loss.psd's keys and defaults: LossConfig's fields but kind, impl, tile and
+    precision."""
     fields = dataclasses.asdict(losses.LossConfig())
-    for key in ('kind', 'impl', 'tile'):  # config.loss's own keys
+    for key in losses.config.CONFIG_LOSS_KEYS:  # config.loss's own keys
         del fields[key]
     return fields
 
@@ -81,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     # all_gather: b x B slabs per device; ring: b x tile tiles (very large global batches)
     config.loss.impl = 'all_gather'
     config.loss.tile = 0  # the ring's tile width, dividing the per-device batch; 0: all of it
+    # the similarity matmuls: float32 (HIGHEST) | bfloat16 (inputs rounded, float32 sums; one
+    # pass on accelerators; the paper configs use it)
+    config.loss.precision = 'float32'
     config.loss.alpha_schedule = 'linear'  # linear | cosine | constant
     config.loss.alpha_max = 0.5
     config.loss.alpha_start_step = 0
@@ -142,6 +146,7 @@ def paper_base(preset: str, dataset_name: str, data_path: str, global_batch: int
     config.param_sharding = 'fsdp'
     config.model.preset = preset
     config.model.dtype = 'bfloat16'
+    config.loss.precision = 'bfloat16'
     config.model.image_size = 224
     config.model.context_length = 77
     config.data.dataset = 'image_text_shards'
@@ -242,7 +247,8 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     return losses.LossConfig.from_mapping(config.loss.kind, config.loss.psd.to_dict(),
-                                          config.loss.impl, config.loss.tile)
+                                          config.loss.impl, config.loss.tile,
+                                          config.loss.precision)
 
 
 def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -> step.StepSetup:

@@ -21,7 +21,8 @@ MAY_CHANGE = (
     'train.keep_every', 'train.eval_every', 'train.transfer_guard', 'train.nonfinite',
     'train.nonfinite_limit', 'train.resume_allow_changes', 'train.profile_steps', 'eval.',
     'metrics.', 'mesh.',
-    'param_sharding', 'loss.impl', 'loss.tile',  # the same loss, computed another way
+    'param_sharding', 'loss.impl', 'loss.tile', 'loss.precision',  # the same loss, computed
+    # another way
     'train.micro_batches', 'model.remat', 'model.attention',  # the same values, computed
     # with other memory or kernels
     'model.scan_layers',  # the checkpoint's layout is converted on restore (psd_jax/layout.py)

@@ -245,7 +245,7 @@ def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
                  subset: jax.Array | None, alpha: jax.Array) -> tuple[jax.Array, dict]:
     """Dispatch on the loss kind. out: the model's outputs for the batch; subset: (B,) bool."""
     cfg, mesh = setup.loss, setup.mesh
-    impl = {'impl': cfg.impl, 'tile': cfg.tile}
+    impl = {'impl': cfg.impl, 'tile': cfg.tile, 'precision': cfg.precision}
     if cfg.kind == 'sigmoid':
         return losses.sigmoid_loss(out['image'], out['text'], out['logit_scale'],
                                    out['logit_bias'], mesh=mesh, **impl)

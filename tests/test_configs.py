@@ -102,7 +102,8 @@ def test_base_config_holds_the_loss_defaults_once():
     base = config_lib.base_config()
     fields = {f.name: f.default for f in dataclasses.fields(losses.LossConfig)}
     assert fields.pop('kind') == base.loss.kind == 'psd'
-    assert (fields.pop('impl'), fields.pop('tile')) == (base.loss.impl, base.loss.tile)
+    assert (fields.pop('impl'), fields.pop('tile'), fields.pop('precision')) == (
+        base.loss.impl, base.loss.tile, base.loss.precision)
     assert base.loss.psd.to_dict() == fields
     assert (fields['teacher'], fields['teacher_temperature'], fields['ema_momentum'],
             fields['subset_fraction']) == ('ema', 2.0, 0.99, 0.5)

@@ -144,3 +144,47 @@ def test_logit_scale_is_clipped_at_100(meshes):
     ref_loss, _, _, _ = psd_reference(u, v, np.log(100.0))
     close(loss, ref_loss, 'loss at scale 100', seed)
     assert float(grads[2]) == 0.0
+
+
+BF16_RTOL = {'loss': 3e-3, 'gradient': 3e-2}  # measured over 10 seeds: 7e-4 and 7.3e-3
+
+
+@pytest.mark.parametrize('impl,tile', [('all_gather', 0), ('ring', 4)])
+def test_bfloat16_matmuls_within_their_stated_tolerance(meshes, impl, tile):
+    """loss.precision='bfloat16' (inputs of the similarity matmuls rounded to bfloat16, float32
+    sums): PSD with a teacher of its own and the sigmoid loss against the float64 reference,
+    loss within 3e-3 relative, gradients within 3e-2 of their magnitude (the float32 default
+    holds 1e-5); the rounding is really there (some gradient is off by more than 1e-5)."""
+    mesh = meshes['4']
+
+    def psd(u, v, s, subset, tu, tv, ts):
+        return losses.psd_loss(u, v, s, mesh=mesh, subset=subset, alpha=0.5,
+                               teacher=losses.Teacher(tu, tv, ts, subset),
+                               teacher_temperature=2.0, impl=impl, tile=tile,
+                               precision='bfloat16')[0]
+
+    def sigmoid(u, v, s, b):
+        return losses.sigmoid_loss(u, v, s, b, mesh=mesh, impl=impl, tile=tile,
+                                   precision='bfloat16')[0]
+
+    psd_fn = jax.jit(jax.value_and_grad(psd, argnums=(0, 1, 2)))
+    sigmoid_fn = jax.jit(jax.value_and_grad(sigmoid, argnums=(0, 1, 2, 3)))
+    largest = 0.0
+    for _ in range(3):
+        seed, rng, u, v, scale, unit = fresh_inputs()
+        subset = np.zeros(B, bool)
+        subset[rng.permutation(B)[:B // 2]] = True
+        tu, tv, ts = unit(B, D), unit(B, D), np.float32(np.log(rng.uniform(5, 30)))
+        bias = np.float32(rng.uniform(-10, 0))
+        got = [psd_fn(u, v, scale, subset, tu, tv, ts), sigmoid_fn(u, v, scale, bias)]
+        ref_psd = psd_reference(u, v, scale, subset, 0.5, (tu, tv, ts, subset), 2.0, False)
+        refs = [(ref_psd[0], ref_psd[2], ref_psd[3]), sigmoid_reference(u, v, scale, bias)]
+        for (loss, grads), (ref_loss, ref_grads, magnitudes) in zip(got, refs):
+            assert abs(float(loss) - ref_loss) <= BF16_RTOL['loss'] * abs(ref_loss), seed
+            for g, r, m in zip(grads, ref_grads, magnitudes):
+                err = np.max(np.abs(np.asarray(g, np.float64) - r)) / m
+                assert err <= BF16_RTOL['gradient'], (seed, err)
+                largest = max(largest, err)
+    assert largest > 1e-5  # not float32 in disguise
+    with pytest.raises(ValueError, match=r"loss.precision='half' is not known"):
+        losses.LossConfig(precision='half')

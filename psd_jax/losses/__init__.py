@@ -6,7 +6,8 @@ similarity matrix").
 
 - config.py: LossConfig (what the loss is), Teacher, the per-step subset;
 - sharded.py: psd_loss, clip_loss, sigmoid_loss inside `jax.shard_map`;
-- ring.py: the ring's running reductions and its custom VJP.
+- ring.py: the ring's running reductions and its custom VJP;
+- matmul.py: the similarity matmuls at loss.precision.
 """
 
 from psd_jax.losses.config import (DIAGONAL_MODES, LOSS_IMPLS, LOSS_KINDS, TEACHERS, LossConfig,

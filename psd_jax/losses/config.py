@@ -9,6 +9,8 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from psd_jax.losses.matmul import PRECISIONS
+
 LOSS_KINDS = ('clip', 'psd', 'sigmoid')
 LOSS_IMPLS = ('all_gather', 'ring')
 TEACHERS = ('same_pass', 'second_pass', 'ema', 'bank', 'previous_step')
@@ -37,6 +39,8 @@ class LossConfig:
     impl: 'all_gather' (each device holds b x B slabs) or 'ring' (b x tile tiles, the other
       modality circulating; for very large global batches); tile: the ring's tile width,
       dividing the per-device batch (0: the whole block).
+    precision: of the similarity matmuls, 'float32' (HIGHEST) or 'bfloat16' (inputs rounded,
+      float32 accumulation; losses/matmul.py).
     allow_degenerate: accept teacher='same_pass' with temperature 1 and the diagonal kept, which
       is CLIP with its gradient scaled by (1 - a) (only for tests and ablations).
     """
@@ -51,6 +55,7 @@ class LossConfig:
     allow_degenerate: bool = False
     impl: str = 'all_gather'
     tile: int = 0
+    precision: str = 'float32'
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
@@ -67,6 +72,9 @@ class LossConfig:
         if self.tile < 0:
             raise ValueError(f'loss.tile={self.tile} must be >= 0 (0: the whole per-device '
                              'block)')
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'loss.precision={self.precision!r} is not known; allowed: '
+                             f'{list(PRECISIONS)}')
         check_fraction(self.subset_fraction)
         if self.teacher == 'previous_step' and self.subset_fraction > 0.5:
             raise ValueError(f"psd.subset_fraction={self.subset_fraction}: psd.teacher="
@@ -117,14 +125,19 @@ class LossConfig:
 
     @classmethod
     def from_mapping(cls, kind: str, psd: Mapping[str, Any] | None = None,
-                     impl: str = 'all_gather', tile: int = 0) -> 'LossConfig':
+                     impl: str = 'all_gather', tile: int = 0,
+                     precision: str = 'float32') -> 'LossConfig':
         """Build from a config section, rejecting unknown keys by name."""
         psd = dict(psd or {})
-        fields = {f.name for f in dataclasses.fields(cls)} - {'kind', 'impl', 'tile'}
+        fields = {f.name for f in dataclasses.fields(cls)} - CONFIG_LOSS_KEYS
         unknown = sorted(set(psd) - fields)
         if unknown:
             raise ValueError(f'psd keys {unknown} are not known; allowed: {sorted(fields)}')
-        return cls(kind=kind, impl=impl, tile=tile, **psd)
+        return cls(kind=kind, impl=impl, tile=tile, precision=precision, **psd)
+
+
+# LossConfig fields that are config.loss's own keys, not config.loss.psd's
+CONFIG_LOSS_KEYS = frozenset({'kind', 'impl', 'tile', 'precision'})
 
 
 class Teacher(NamedTuple):

@@ -23,7 +23,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from psd_jax.losses.matmul import matmul
+
 NEG = -1e30  # a finite "minus infinity": exp(NEG - x) is 0 and NEG - NEG is 0, not NaN
 
 
@@ -78,8 +79,8 @@ def ring_visit(axes: tuple[str, ...], n: int, tile: int, me: jax.Array, blocks: 
     return carry, travel
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum('id,jd->ij', a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+def _dot(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
+    return matmul('id,jd->ij', a, b, precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,7 @@ class _Rows:
     same_pass: bool
     remove_diagonal: bool
     inv_temperature: float
+    precision: str
 
     def me(self) -> jax.Array:
         return jax.lax.axis_index(self.axes) if self.axes else jnp.int32(0)
@@ -99,7 +101,7 @@ class _Rows:
     def logits(self, x, t_x, scale, t_scale, positives, columns, first, o, t_o):
         """One b x t tile: student logits s, positives, teacher logits r and valid columns."""
         ids = first + jnp.arange(o.shape[0])
-        s = scale * _dot(x, o)
+        s = scale * _dot(x, o, self.precision)
         pos = ids[None, :] == positives[:, None]
         if not self.with_teacher:
             return s, pos, None, None
@@ -108,7 +110,7 @@ class _Rows:
         if self.remove_diagonal:
             valid = valid & ~pos
         r = (s * self.inv_temperature if self.same_pass
-             else t_scale * self.inv_temperature * _dot(t_x, t_o))
+             else t_scale * self.inv_temperature * _dot(t_x, t_o, self.precision))
         return s, pos, r, valid
 
     def forward(self, x, others, scale, positives, weight, columns, t_x, t_others, t_scale):
@@ -160,8 +162,8 @@ class _Rows:
             d_s = c_p[:, None] * jnp.exp(s - lse[:, None]) - c_e[:, None] * pos
             if self.with_teacher:
                 d_s = d_s - c_t[:, None] * jnp.where(valid, jnp.exp(r - lse_t[:, None]), 0.0)
-            d_x = acc['x'] + scale * jnp.einsum('ij,jd->id', d_s, o, precision=HIGHEST)
-            d_o = scale * jnp.einsum('ij,id->jd', d_s, x, precision=HIGHEST)
+            d_x = acc['x'] + scale * matmul('ij,jd->id', d_s, o, self.precision)
+            d_o = scale * matmul('ij,id->jd', d_s, x, self.precision)
             return {'x': d_x, 'scale': acc['scale'] + jnp.sum(d_s * s) / scale}, d_o
 
         init = {'x': jnp.zeros_like(x), 'scale': _zeros_like_rows(x)[0]}
@@ -172,13 +174,14 @@ class _Rows:
 
 @functools.lru_cache(maxsize=None)
 def softmax_rows(axes: tuple[str, ...], n: int, tile: int, with_teacher: bool, same_pass: bool,
-                 remove_diagonal: bool, inv_temperature: float):
+                 remove_diagonal: bool, inv_temperature: float, precision: str = 'float32'):
     """Per-row (loss, hard CE, soft CE) of this device's rows against all columns, the
     columns circulating. Arguments: x (b, D) local rows; others (b, D) this device's columns;
     scale t (varying scalar); positives (b,) global column of each row's pair; weight (b,);
     columns (B,) bool, the items the teacher saw; t_x, t_others (b, D) and t_scale the
     teacher's (ignored for the same pass)."""
-    spec = _Rows(axes, n, tile, with_teacher, same_pass, remove_diagonal, inv_temperature)
+    spec = _Rows(axes, n, tile, with_teacher, same_pass, remove_diagonal, inv_temperature,
+                 precision)
 
     @jax.custom_vjp
     def rows(*args):
@@ -193,23 +196,23 @@ def softmax_rows(axes: tuple[str, ...], n: int, tile: int, with_teacher: bool, s
 
 
 @functools.lru_cache(maxsize=None)
-def sigmoid_rows(axes: tuple[str, ...], n: int, tile: int):
+def sigmoid_rows(axes: tuple[str, ...], n: int, tile: int, precision: str = 'float32'):
     """Sum over this device's rows and all columns of log sigmoid(z_ij (s_ij + bias)), the
     columns circulating; custom VJP with a second trip around the ring."""
 
     def visit_fn(x, scale, bias, positives, grads=None):
         def visit(acc, first, views):
             (o,) = views
-            s = scale * _dot(x, o)
+            s = scale * _dot(x, o, precision)
             z = jnp.where((first + jnp.arange(o.shape[0]))[None, :] == positives[:, None],
                           1.0, -1.0)
             if grads is None:
                 return acc + jnp.sum(jax.nn.log_sigmoid(z * (s + bias))), None
             d_s = grads * z * jax.nn.sigmoid(-z * (s + bias))  # d/ds of g * log sigmoid
-            return {'x': acc['x'] + scale * jnp.einsum('ij,jd->id', d_s, o, precision=HIGHEST),
+            return {'x': acc['x'] + scale * matmul('ij,jd->id', d_s, o, precision),
                     'scale': acc['scale'] + jnp.sum(d_s * s) / scale,
-                    'bias': acc['bias'] + jnp.sum(d_s)}, scale * jnp.einsum(
-                        'ij,id->jd', d_s, x, precision=HIGHEST)
+                    'bias': acc['bias'] + jnp.sum(d_s)}, scale * matmul(
+                        'ij,id->jd', d_s, x, precision)
         return visit
 
     def me():

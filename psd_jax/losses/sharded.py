@@ -27,9 +27,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 from psd_jax import sharding as shd
 from psd_jax.losses import ring
 from psd_jax.losses.config import DIAGONAL_MODES, LOSS_IMPLS, Teacher
+from psd_jax.losses.matmul import matmul
 from psd_jax.models.clip import logit_scale_value
 
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _check_embeddings(image: jax.Array, text: jax.Array, mesh: Mesh) -> None:
@@ -56,10 +56,9 @@ def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.psum(x, axes) if axes else x
 
 
-def _slab(local: jax.Array, others: jax.Array, scale: jax.Array) -> jax.Array:
+def _slab(local: jax.Array, others: jax.Array, scale: jax.Array, precision: str) -> jax.Array:
     """scale * local @ others.T: (b, D) x (B, D) -> (b, B) in float32."""
-    return scale * jnp.einsum('id,jd->ij', local, others, precision=HIGHEST,
-                              preferred_element_type=jnp.float32)
+    return scale * matmul('id,jd->ij', local, others, precision)
 
 
 def _teacher_probs(logits: jax.Array, valid: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -74,7 +73,7 @@ def _teacher_probs(logits: jax.Array, valid: jax.Array, fallback: jax.Array) -> 
 
 @functools.lru_cache(maxsize=None)
 def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
-                 inv_temperature: float):
+                 inv_temperature: float, precision: str):
     """Per-row (loss, hard CE, soft CE) of one device's slab in one direction, with a custom
     backward that recomputes the b x B logits from the inputs, so only the row log-sum-exps are
     kept between the passes.
@@ -91,12 +90,12 @@ def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
         if remove_diagonal:
             valid = valid & (jnp.arange(s.shape[1])[None, :] != positives[:, None])
         logits = (s * inv_temperature if same_pass
-                  else _slab(t_x, t_others, t_scale * inv_temperature))
+                  else _slab(t_x, t_others, t_scale * inv_temperature, precision))
         onehot = jax.nn.one_hot(positives, s.shape[1], dtype=s.dtype)
         return _teacher_probs(logits, valid, onehot)
 
     def forward(x, others, scale, positives, weight, columns, t_x, t_others, t_scale):
-        s = _slab(x, others, scale)
+        s = _slab(x, others, scale, precision)
         lse = jax.nn.logsumexp(s, axis=1)
         hard = lse - jnp.take_along_axis(s, positives[:, None], axis=1)[:, 0]
         if not with_teacher:
@@ -116,7 +115,7 @@ def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
     def bwd(residuals, cotangents):
         (x, others, scale, positives, weight, columns, t_x, t_others, t_scale), lse = residuals
         g_loss, g_hard, g_soft = cotangents
-        s = _slab(x, others, scale)
+        s = _slab(x, others, scale, precision)
         p = jnp.exp(s - lse[:, None])
         onehot = jax.nn.one_hot(positives, s.shape[1], dtype=s.dtype)
         if with_teacher:
@@ -126,8 +125,8 @@ def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
                    - (g_loss * weight + g_soft)[:, None] * p_t)
         else:
             d_s = (g_loss + g_hard)[:, None] * (p - onehot)
-        d_x = scale * jnp.einsum('ij,jd->id', d_s, others, precision=HIGHEST)
-        d_others = scale * jnp.einsum('ij,id->jd', d_s, x, precision=HIGHEST)
+        d_x = scale * matmul('ij,jd->id', d_s, others, precision)
+        d_others = scale * matmul('ij,id->jd', d_s, x, precision)
         d_scale = jnp.sum(d_s * s) / scale  # s = t x.o, so ds/dt = s / t
         return d_x, d_others, d_scale, None, None, None, None, None, None
 
@@ -137,7 +136,7 @@ def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
 
 def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_columns, *,
                  axes, batch_size, with_teacher, same_pass, remove_diagonal, inv_temperature,
-                 n, tile):
+                 n, tile, precision):
     """Body run on each device: local (b, D) embeddings, replicated scalars and (B,) masks.
     tile 0: the all_gather slabs; else the ring over the n data shards with b x tile tiles."""
     b = image.shape[0]
@@ -153,7 +152,7 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
     ts = logit_scale_value(t_scale)
     if tile:  # ring: the other modality's local block circulates, teachers' included
         rows = ring.softmax_rows(axes, n, tile, with_teacher, same_pass, remove_diagonal,
-                                 inv_temperature)
+                                 inv_temperature, precision)
         loss_r, hard_r, soft_r = rows(image, text, t, positives, weight, t_columns, t_image,
                                       t_text, ts)
         loss_c, hard_c, soft_c = rows(text, image, t, positives, weight, t_columns, t_text,
@@ -162,7 +161,8 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
         teacher_text, teacher_image = t_text, t_image  # placeholders unless a teacher ran
         if with_teacher and not same_pass:
             teacher_text, teacher_image = _gather(t_text, axes), _gather(t_image, axes)
-        slab_losses = _slab_losses(with_teacher, same_pass, remove_diagonal, inv_temperature)
+        slab_losses = _slab_losses(with_teacher, same_pass, remove_diagonal, inv_temperature,
+                                   precision)
         loss_r, hard_r, soft_r = slab_losses(image, _gather(text, axes), t, positives, weight,
                                              t_columns, t_image, teacher_text, ts)
         loss_c, hard_c, soft_c = slab_losses(text, _gather(image, axes), t, positives, weight,
@@ -179,7 +179,7 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
              subset: jax.Array | None = None, alpha: float | jax.Array = 0.0,
              teacher: Teacher | None = None, teacher_temperature: float | None = None,
              teacher_diagonal: str = 'keep', impl: str = 'all_gather',
-             tile: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+             tile: int = 0, precision: str = 'float32') -> tuple[jax.Array, dict[str, jax.Array]]:
     """The PSD contrastive loss; CLIP when `subset` is None.
 
     image, text: (B, D) unit-norm embeddings sharded over the data axes; logit_scale: scalar;
@@ -187,7 +187,8 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     a; teacher: None for the same pass, else a `Teacher` (second pass / EMA);
     teacher_temperature: relative to the student's, required with a subset (LossConfig holds
     the configured default); impl: 'all_gather' (b x B slabs per device) or 'ring' (b x tile
-    tiles; tile 0: the whole per-device block). Returns (scalar loss, parts).
+    tiles; tile 0: the whole per-device block); precision: of the similarity matmuls
+    (losses/matmul.py). Returns (scalar loss, parts).
     """
     _check_embeddings(image, text, mesh)
     if teacher_diagonal not in DIAGONAL_MODES:
@@ -222,7 +223,8 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
         lambda *a: _contrastive(
             *a, axes=axes, batch_size=batch_size, with_teacher=with_teacher, same_pass=same_pass,
             remove_diagonal=teacher_diagonal == 'remove',
-            inv_temperature=1.0 / teacher_temperature, n=n, tile=ring_tile),
+            inv_temperature=1.0 / teacher_temperature, n=n, tile=ring_tile,
+            precision=precision),
         mesh=mesh,
         in_specs=(rows, rows, P(), P(), P(), rows, rows, P(), P()),
         out_specs=(P(), {'clip': P(), 'distill': P(), 'subset_size': P()}))
@@ -243,21 +245,23 @@ def _ring_tile(impl: str, tile: int, per_device: int) -> int:
 
 
 def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
-              impl: str = 'all_gather', tile: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+              impl: str = 'all_gather', tile: int = 0,
+              precision: str = 'float32') -> tuple[jax.Array, dict[str, jax.Array]]:
     """CLIP InfoNCE, both directions over the global batch: (B, D), (B, D), scalar -> loss."""
-    return psd_loss(image, text, logit_scale, mesh=mesh, impl=impl, tile=tile)
+    return psd_loss(image, text, logit_scale, mesh=mesh, impl=impl, tile=tile,
+                    precision=precision)
 
 
-def _sigmoid(image, text, scale, bias, *, axes, n, tile):
+def _sigmoid(image, text, scale, bias, *, axes, n, tile, precision):
     b = image.shape[0]
     positives = _shard_offset(axes, b) + jnp.arange(b)
     if tile:
         t = logit_scale_value(scale)
         if axes:  # every device's tiles use them: their gradients are summed over devices
             t, bias = (jax.lax.pcast(x, axes, to='varying') for x in (t, bias))
-        total = ring.sigmoid_rows(axes, n, tile)(image, text, t, bias, positives)
+        total = ring.sigmoid_rows(axes, n, tile, precision)(image, text, t, bias, positives)
         return -_psum(total, axes) / (n * b)
-    logits = _slab(image, _gather(text, axes), logit_scale_value(scale)) + bias
+    logits = _slab(image, _gather(text, axes), logit_scale_value(scale), precision) + bias
     labels = jnp.where(jnp.arange(logits.shape[1])[None, :] == positives[:, None], 1.0, -1.0)
     batch_size = logits.shape[1]
     loss = -_psum(jnp.sum(jax.nn.log_sigmoid(labels * logits)), axes) / batch_size
@@ -266,7 +270,8 @@ def _sigmoid(image, text, scale, bias, *, axes, n, tile):
 
 def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
                  logit_bias: jax.Array, *, mesh: Mesh, impl: str = 'all_gather',
-                 tile: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 tile: int = 0, precision: str = 'float32'
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SigLIP: -1/B sum_ij log sigmoid(z_ij (t u_i.v_j + bias)), z = +1 on pairs, -1 elsewhere.
 
     Each device scores its b images against all B captions (all_gather of the captions, or
@@ -277,7 +282,8 @@ def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
     rows = shd.batch_spec(mesh)
     n = shd.data_size(mesh)
     ring_tile = _ring_tile(impl, tile, image.shape[0] // n)
-    loss = jax.shard_map(lambda *a: _sigmoid(*a, axes=axes, n=n, tile=ring_tile), mesh=mesh,
+    loss = jax.shard_map(lambda *a: _sigmoid(*a, axes=axes, n=n, tile=ring_tile,
+                                             precision=precision), mesh=mesh,
                          in_specs=(rows, rows, P(), P()), out_specs=P())(
         image, text, jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32))
     zero = jnp.zeros((), jnp.float32)
