@@ -56,7 +56,6 @@ def main() -> None:
     parser.add_argument('--compile_remat', default='full', help='model.remat for those')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'fit.json'))
     args = parser.parse_args()
-    from psd_jax import compile_check
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {'precision': args.precision, 'scan_layers': args.scan_layers, 'fit': [],
@@ -66,46 +65,58 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1))
 
     for name in args.compile_time:
-        devices, label, _ = compile_check.devices_for(TOPOLOGY[name], 0)
-        for scan in (False, True):
-            config = load(name, {'model.scan_layers': scan, 'model.remat': args.compile_remat})
-            numbers = compile_check.compile_for(config, devices, config.data.global_batch, 0)
-            row = {'config': name, 'topology': label, 'scan_layers': scan,
-                   'remat': args.compile_remat, **numbers}
-            size = (f'{numbers["total_gib"]:.2f} GiB/device' if 'total_gib' in numbers
-                    else numbers.get('error', ''))
-            print(f'{name} on {label}, scan_layers={scan}, remat {args.compile_remat}: '
-                  f'compiled in {numbers["compile_s"]:.1f} s, {size}', flush=True)
-            result['compile_time'].append(row)
-            save()
+        compile_times(name, args, result, save)
     for name in args.configs:
-        devices, label, hbm = compile_check.devices_for(TOPOLOGY[name], 0)
-        for lever in args.levers:
-            overrides = {k: (args.micro_batches if v is None else v)
-                         for k, v in LEVERS[lever].items()}
-            overrides['model.scan_layers'] = args.scan_layers
-            config = load(name, overrides)
-            if config.model.preset == 'RN50' and lever == 'accumulation':
-                row = {'config': name, 'lever': lever, 'skipped': 'BatchNorm: accumulation '
-                       'would change the statistics (refused by the step)'}
-                result['fit'].append(row)
-                save()
-                continue
-            print(f'{name} on {label}, {lever}:', flush=True)
-            start = time.perf_counter()
-            own = compile_check.compile_for(config, devices, config.data.global_batch, 0)
-            best = None if args.own_only else compile_check.largest_batch(
-                config, devices, hbm, 0, config.data.global_batch, args.precision)
-            row = {'config': name, 'topology': label, 'hbm_gib': hbm, 'lever': lever,
-                   'overrides': overrides, 'own_batch': config.data.global_batch,
-                   'own_total_gib': own.get('total_gib'), 'own_fits': own['fits'] is not False
-                   and own['total_gib'] <= hbm, 'largest_batch': best,
-                   'seconds': time.perf_counter() - start}
-            print(f'  -> largest global batch {best}', flush=True)
-            result['fit'].append(row)
-            save()
+        fit_rows(name, args, result, save)
     print_table(result)
     print(f'wrote {out}')
+
+
+def compile_times(name: str, args, result: dict, save) -> None:
+    """Compile time and memory of `name` with and without scanned layers."""
+    from psd_jax import compile_check
+    devices, label, _ = compile_check.devices_for(TOPOLOGY[name], 0)
+    for scan in (False, True):
+        config = load(name, {'model.scan_layers': scan, 'model.remat': args.compile_remat})
+        numbers = compile_check.compile_for(config, devices, config.data.global_batch, 0)
+        row = {'config': name, 'topology': label, 'scan_layers': scan,
+               'remat': args.compile_remat, **numbers}
+        size = (f'{numbers["total_gib"]:.2f} GiB/device' if 'total_gib' in numbers
+                else numbers.get('error', ''))
+        print(f'{name} on {label}, scan_layers={scan}, remat {args.compile_remat}: '
+              f'compiled in {numbers["compile_s"]:.1f} s, {size}', flush=True)
+        result['compile_time'].append(row)
+        save()
+
+
+def fit_rows(name: str, args, result: dict, save) -> None:
+    """`name` at its own batch, and its largest batch, with each lever."""
+    from psd_jax import compile_check
+    devices, label, hbm = compile_check.devices_for(TOPOLOGY[name], 0)
+    for lever in args.levers:
+        overrides = {k: (args.micro_batches if v is None else v)
+                     for k, v in LEVERS[lever].items()}
+        overrides['model.scan_layers'] = args.scan_layers
+        config = load(name, overrides)
+        if config.model.preset == 'RN50' and lever == 'accumulation':
+            row = {'config': name, 'lever': lever, 'skipped': 'BatchNorm: accumulation '
+                   'would change the statistics (refused by the step)'}
+            result['fit'].append(row)
+            save()
+            continue
+        print(f'{name} on {label}, {lever}:', flush=True)
+        start = time.perf_counter()
+        own = compile_check.compile_for(config, devices, config.data.global_batch, 0)
+        best = None if args.own_only else compile_check.largest_batch(
+            config, devices, hbm, 0, config.data.global_batch, args.precision)
+        row = {'config': name, 'topology': label, 'hbm_gib': hbm, 'lever': lever,
+               'overrides': overrides, 'own_batch': config.data.global_batch,
+               'own_total_gib': own.get('total_gib'), 'own_fits': own['fits'] is not False
+               and own['total_gib'] <= hbm, 'largest_batch': best,
+               'seconds': time.perf_counter() - start}
+        print(f'  -> largest global batch {best}', flush=True)
+        result['fit'].append(row)
+        save()
 
 
 def print_table(result: dict) -> None:
