@@ -126,12 +126,15 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
         state = step.init_state(setup, jax.random.key(config.seed), config.param_sharding)
         start, iterator = 0, data(0)
     else:
-        def abstract_for(saved: dict) -> step.TrainState:
-            return layout.restore_plan(setup, config.param_sharding, saved)[0]
+        plan: list = []  # the restore plan of the checkpoint last tried (the one restored)
 
-        state, start, iterator, saved = ckpt.restore_newest_readable(
+        def abstract_for(saved: dict) -> step.TrainState:
+            plan[:] = layout.restore_plan(setup, config.param_sharding, saved)
+            return plan[0]
+
+        state, start, iterator, _ = ckpt.restore_newest_readable(
             abstract_for, lambda: data(0), check)
-        state = layout.restore_plan(setup, config.param_sharding, saved)[1](state)
+        state = plan[1](state)  # into this config's layout
         if iterator is None:  # per-host positions are for another split of the batches
             iterator = data(start)
             logging.warning('checkpoint written by %d hosts, resumed on %d: the data restarts '

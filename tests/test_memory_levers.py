@@ -71,21 +71,23 @@ def test_scanned_layout_round_trips(plain):
     assert jax.tree.structure(layout.convert(scanned, True)) == jax.tree.structure(scanned)
 
 
-def test_unknown_levers_are_named(devices):
+def refused(key, value, pattern):
+    """validate() refuses base_config() with config.<key> = value, matching `pattern`."""
     config = config_lib.base_config()
-    config.model.remat = 'some'
-    with pytest.raises(ValueError, match=r"model.remat.*'some'.*\['none', 'minimal', 'full'\]"):
+    section, field = key.split('.')
+    config[section][field] = value
+    with pytest.raises(ValueError, match=pattern):
         config_lib.validate(config)
+    return config
+
+
+def test_unknown_levers_are_named(devices):
+    refused('model.remat', 'some', r"model.remat.*'some'.*\['none', 'minimal', 'full'\]")
     with pytest.raises(ValueError, match='model.remat'):
         build_model('tiny', remat='everything')
-    config = config_lib.base_config()
-    config.train.micro_batches = 0
-    with pytest.raises(ValueError, match='train.micro_batches'):
-        config_lib.validate(config)
-    config = config_lib.base_config()
-    config.model.attention = 'flash'
-    with pytest.raises(ValueError, match=r"model.attention.*'flash'.*\['xla', 'cudnn'\]"):
-        config_lib.validate(config)
+    refused('train.micro_batches', 0, 'train.micro_batches')
+    config = refused('model.attention', 'flash',
+                     r"model.attention.*'flash'.*\['xla', 'cudnn'\]")
     with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype='bfloat16'"):
         build_model('tiny', attention='cudnn')
     config.model.attention, config.model.dtype = 'cudnn', 'bfloat16'
