@@ -6,7 +6,7 @@ the ring loss, so the loss holds no b x B slab). Also the compile time of a conf
 without scanned layers.
 
     python benchmarks/fit_table.py [--configs psd_cc12m_vitb16 ...] [--precision 0.1]
-        [--scan_layers] [--compile_time psd_cc12m_vitb16] [--out benchmarks/results/fit.json]
+        [--scan_layers] [--start_batch N] [--compile_time psd_cc12m_vitb16] [--out benchmarks/results/fit.json]
 
 Prints one line per compiled candidate and a table at the end; the JSON is rewritten after
 every row, so an interrupted run keeps what it measured. Bisection stops once the bracket is
@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument('--levers', nargs='+', default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument('--micro_batches', type=int, default=8)
     parser.add_argument('--precision', type=float, default=0.1)
+    parser.add_argument('--start_batch', type=int, default=0,
+                        help='where the search for the largest batch starts (default: the '
+                        'config\'s own batch), e.g. to resume an interrupted search')
     parser.add_argument('--own_only', action='store_true',
                         help='only the config\'s own batch: no search for the largest')
     parser.add_argument('--scan_layers', action='store_true',
@@ -108,7 +111,8 @@ def fit_rows(name: str, args, result: dict, save) -> None:
         start = time.perf_counter()
         own = compile_check.compile_for(config, devices, config.data.global_batch, 0)
         best = None if args.own_only else compile_check.largest_batch(
-            config, devices, hbm, 0, config.data.global_batch, args.precision)
+            config, devices, hbm, 0, args.start_batch or config.data.global_batch,
+            args.precision)
         row = {'config': name, 'topology': label, 'hbm_gib': hbm, 'lever': lever,
                'overrides': overrides, 'own_batch': config.data.global_batch,
                'own_total_gib': own.get('total_gib'), 'own_fits': own['fits'] is not False

@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.caption_noise_kind = 'shuffle'  # shuffle | within_group | group_name
     config.data.caption_noise_group = 'subgroup'  # the class feature grouped kinds use
     config.data.workers = 0
+    # threads reading records ahead of the pipeline (per process), and how many records they
+    # keep ready: 0 reads in the pipeline's own thread, fastest for local data (the demo sets);
+    # remote storage (gs://) wants reading ahead, e.g. 16 threads, 500 records
+    config.data.read_threads = 0
+    config.data.read_ahead = 0
     config.data.crop_scale = (0.9, 1.0)  # random resized crop: area fraction (1, 1: none)
 
     config.loss = C()
@@ -155,6 +160,7 @@ def paper_base(preset: str, dataset_name: str, data_path: str, global_batch: int
     config.data.train_split = 'train'
     config.data.global_batch = global_batch
     config.data.workers = 16
+    config.data.read_threads, config.data.read_ahead = 16, 500  # shards on remote storage
     config.optim.lr = lr
     config.optim.warmup_steps = warmup_steps
     config.train.steps = epochs * train_pairs // global_batch
@@ -181,6 +187,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.data.tokenizer in ('clip', 'sentencepiece'), 'data.tokenizer',
            f"{config.data.tokenizer!r} is not one of ['clip', 'sentencepiece']")
     _check(config.data.global_batch > 0, 'data.global_batch', 'must be positive')
+    _check(0 <= config.data.read_threads <= max(config.data.read_ahead, 0), 'data.read_threads',
+           f'{config.data.read_threads} with data.read_ahead={config.data.read_ahead}: need '
+           '0 <= read_threads <= read_ahead (0 and 0: read in the pipeline\'s thread)')
     _check(config.model.remat in REMAT_POLICIES, 'model.remat',
            f'{config.model.remat!r} is not one of {list(REMAT_POLICIES)}')
     _check(config.model.attention in ATTENTION_IMPLS, 'model.attention',

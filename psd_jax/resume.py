@@ -25,6 +25,7 @@ MAY_CHANGE = (
     # another way
     'train.micro_batches', 'model.remat', 'model.attention',  # the same values, computed
     # with other memory or kernels
+    'data.read_threads', 'data.read_ahead',  # how records are read, not which
     'model.scan_layers',  # the checkpoint's layout is converted on restore (psd_jax/layout.py)
 )
 

@@ -28,6 +28,14 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def with_compile_cache(env: dict) -> dict:
+    """`env` for a subprocess that shares this session's persistent compilation cache (the
+    tiny config's step compiles once for the many runs the tests start)."""
+    return dict(env, JAX_COMPILATION_CACHE_DIR=str(CACHE),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
 @pytest.fixture(scope='session')
 def devices():
     devs = jax.devices()

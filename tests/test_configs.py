@@ -129,6 +129,15 @@ def test_locked_config_names_the_nearest_key():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize('threads,ahead', [(-1, 0), (4, 2)])
+def test_read_ahead_settings_are_checked(threads, ahead):
+    config = config_lib.base_config()
+    config.data.read_threads, config.data.read_ahead = threads, ahead
+    with pytest.raises(ValueError, match=r'data.read_threads: .*need 0 <= read_threads <= '
+                                         'read_ahead'):
+        config_lib.validate(config)
+
+
 def test_psd_loss_needs_a_temperature_with_soft_targets(devices):
     mesh = sharding.make_mesh({'data': 1}, devices[:1])
     u = jnp.eye(4, 8)

@@ -111,16 +111,18 @@ def test_every_example_once_per_epoch_in_a_new_order(emoji_dir, clip_tokenizer, 
 @needs_emoji
 @needs_vocab
 def test_resumed_iterator_yields_the_same_batches(emoji_dir, clip_tokenizer):
-    def loader():
+    """...also when the resumed loader reads records ahead in threads (data.read_threads):
+    how records are read changes neither the batches nor the iterator state."""
+    def loader(threads=0, ahead=0):
         return pipeline.make_loader(source(emoji_dir), global_batch=32, image_size=32,
                                     tokenizer=clip_tokenizer, context_length=16, train=True,
-                                    seed=5)
+                                    seed=5, read_threads=threads, read_ahead=ahead)
     it = iter(loader())
     for _ in range(3):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(2)]
-    resumed = iter(loader())
+    resumed = iter(loader(threads=4, ahead=64))
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from conftest import with_compile_cache
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch' / 'local_multihost.sh'
 CONFIG = str(ROOT / 'configs' / 'tiny_test.py')
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def launch(workdir, steps, *extra, evaluators=EVALUATORS):
-    env = dict(os.environ, EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0')
+    env = with_compile_cache(dict(os.environ,
+                                    EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0'))
     env.pop('XLA_FLAGS', None)
     return subprocess.run(
         ['bash', str(LAUNCH), '-n', '2', '-d', '2', '--', f'--config={CONFIG}',
@@ -36,9 +39,9 @@ def launch(workdir, steps, *extra, evaluators=EVALUATORS):
 
 
 def four_cpu_devices():
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                XLA_FLAGS='--xla_force_host_platform_device_count=4 '
-                          '--xla_backend_optimization_level=0')
+    return with_compile_cache(dict(os.environ, JAX_PLATFORMS='cpu',
+                                   XLA_FLAGS='--xla_force_host_platform_device_count=4 '
+                                             '--xla_backend_optimization_level=0'))
 
 
 def test_two_processes_train_resume_and_evaluate_across_hosts(tmp_path):
@@ -135,7 +138,8 @@ def test_sigterm_on_every_host_checkpoints_one_agreed_step(tmp_path):
     import time
 
     workdir = tmp_path / 'term'
-    env = dict(os.environ, EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0')
+    env = with_compile_cache(dict(os.environ,
+                                    EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0'))
     env.pop('XLA_FLAGS', None)
     launcher = subprocess.Popen(
         ['bash', str(LAUNCH), '-n', '2', '-d', '2', '--', f'--config={CONFIG}',

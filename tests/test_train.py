@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import with_compile_cache
 from psd_jax import checkpointing, config as config_lib, layout, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def env():
     out['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
                         '--xla_backend_optimization_level=0')
     out['JAX_PLATFORMS'] = 'cpu'
-    return out
+    return with_compile_cache(out)
 
 
 def command(workdir, *overrides):

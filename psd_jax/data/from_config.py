@@ -77,7 +77,8 @@ def training_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: C
         seed=config.seed, worker_count=config.data.workers,
         keep=('index',) if 'index' in batch_keys else (),
         teacher_view='teacher_image' in batch_keys, crop_scale=tuple(config.data.crop_scale),
-        start_batch=start_batch, carried=carried))
+        start_batch=start_batch, carried=carried, read_threads=config.data.read_threads,
+        read_ahead=config.data.read_ahead))
 
 
 def eval_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: Callable,
@@ -87,4 +88,5 @@ def eval_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: Calla
         source, global_batch=config.eval.batch * jax.process_count(),
         image_size=config.model.image_size, tokenizer=tokenizer,
         context_length=config.model.context_length, train=False, keep=keep,
-        drop_remainder=False)
+        drop_remainder=False, read_threads=config.data.read_threads,
+        read_ahead=config.data.read_ahead)

@@ -282,14 +282,17 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
                 worker_count: int = 0, keep: Sequence[str] = ('label',),
                 drop_remainder: bool = True, teacher_view: bool = False,
                 crop_scale: tuple[float, float] = (0.9, 1.0),
-                start_batch: int = 0, carried: int = 0) -> grain.DataLoader:
+                start_batch: int = 0, carried: int = 0, read_threads: int = 0,
+                read_ahead: int = 0) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
 
     Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`; each
     host reads its slice of every global batch (`GlobalBatchSampler`: the same global batches
     for any number of hosts), with `carried` pairs of each batch repeated from the previous one.
     Evaluation (`train=False`): in order, one epoch, the records split
-    into one contiguous shard per host. Yields this host's batches.
+    into one contiguous shard per host. Yields this host's batches. `read_threads` threads
+    read up to `read_ahead` records ahead (0, 0: records are read as the pipeline needs them,
+    the fastest for local data: a deep read-ahead costs the pipeline's thread time polling it).
     """
     if len(source) == 0:
         raise ValueError('the data source is empty')
@@ -311,4 +314,6 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
                       tuple(crop_scale)),
            grain.Batch(per_host_batch(global_batch), drop_remainder=drop_remainder)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
-                            worker_count=worker_count, shard_options=shard_options)
+                            worker_count=worker_count, shard_options=shard_options,
+                            read_options=grain.ReadOptions(num_threads=read_threads,
+                                                           prefetch_buffer_size=read_ahead))
