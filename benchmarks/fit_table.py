@@ -6,7 +6,8 @@ the ring loss, so the loss holds no b x B slab). Also the compile time of a conf
 without scanned layers.
 
     python benchmarks/fit_table.py [--configs psd_cc12m_vitb16 ...] [--precision 0.1]
-        [--scan_layers] [--start_batch N] [--compile_time psd_cc12m_vitb16] [--out benchmarks/results/fit.json]
+        [--scan_layers] [--start_batch N] [--compile_time psd_cc12m_vitb16]
+        [--out benchmarks/results/fit.json]
 
 Prints one line per compiled candidate and a table at the end; the JSON is rewritten after
 every row, so an interrupted run keeps what it measured. Bisection stops once the bracket is
