@@ -323,6 +323,23 @@ def _train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[Train
             teacher = _forward_teacher(setup, state, batch, indices, batch_size)
     (loss, (parts, mutated, embeddings)), grads = _loss_and_grads(
         setup, state, batch, teacher, subset, alpha, jax.random.fold_in(step_rng, 1))
+    grad_norm = optax.tree.norm(grads)
+    finite = guard.is_finite(loss, grad_norm)
+    new_state = jax.lax.cond(  # a non-finite step is not applied (only the kept branch copies)
+        finite, lambda: _apply_update(setup, state, batch, grads, mutated, embeddings),
+        lambda: state.replace(step=state.step + 1))
+    new_state = new_state.replace(health=guard.count_skips(state.health, finite))
+    params = new_state.params
+    metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
+               'grad_norm': grad_norm, 'logit_scale': logit_scale_value(params['logit_scale']),
+               'skipped': 1.0 - finite.astype(jnp.float32),
+               'skipped_total': new_state.health['skipped_total'].astype(jnp.float32)}
+    return new_state, metrics
+
+
+def _apply_update(setup: StepSetup, state: TrainState, batch: dict, grads: Any,
+                  mutated: dict, embeddings: dict) -> TrainState:
+    """The state after the optimizer applies `grads` (and the EMA, bank and carry advance)."""
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = {**params, 'logit_scale': clip_logit_scale(params['logit_scale'])}
@@ -330,19 +347,12 @@ def _train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[Train
     if ema is not None:
         m = setup.loss.ema_momentum
         ema = jax.tree.map(lambda e, p: m * e + (1 - m) * p, ema, params)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=mutated.get('batch_stats', state.batch_stats),
-                              ema_params=ema, bank=None if state.bank is None else
-                              _update_bank(state.bank, batch['index'], embeddings),
-                              carry=None if state.carry is None else _next_carry(
-                                  state.carry, batch, embeddings, state.params['logit_scale']))
-    grad_norm = optax.tree.norm(grads)
-    new_state, finite = guard.keep_if_finite(new_state, state, loss, grad_norm)
-    metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
-               'grad_norm': grad_norm, 'logit_scale': logit_scale_value(params['logit_scale']),
-               'skipped': 1.0 - finite.astype(jnp.float32),
-               'skipped_total': new_state.health['skipped_total'].astype(jnp.float32)}
-    return new_state, metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         batch_stats=mutated.get('batch_stats', state.batch_stats),
+                         ema_params=ema, bank=None if state.bank is None else
+                         _update_bank(state.bank, batch['index'], embeddings),
+                         carry=None if state.carry is None else _next_carry(
+                             state.carry, batch, embeddings, state.params['logit_scale']))
 
 
 def compile_train_step(setup: StepSetup, shardings: TrainState, batch_example: dict):

@@ -142,3 +142,35 @@ def test_own_data_split_names_are_checked_before_anything_is_prepared(tmp_path):
     config.data.path = str(tmp_path / 'nothing')
     with pytest.raises(ValueError, match='config.data.path: .*nothing is not a directory'):
         config_lib.check_own_data(config)
+
+
+def test_a_non_finite_step_is_not_applied_and_is_counted(devices):
+    """The guard inside the step: a finite step changes parameters and optimizer state; a step
+    whose loss is NaN (one parameter poisoned) leaves every array as it was, bit for bit, and
+    advances only the step counter and the skip counters."""
+    import jax
+
+    from psd_jax import batch as batch_lib, sharding, step
+
+    config = config_lib.base_config()
+    config.loss.kind, config.data.global_batch = 'clip', 8
+    mesh = sharding.make_mesh({'data': 1}, devices[:1])
+    setup = config_lib.step_setup(config, mesh)
+    spec = step.batch_spec(setup, 8)
+    batch = batch_lib.synthetic(spec, np.random.default_rng(0), config.model.vocab_size)
+    fn = jax.jit(lambda s, b: step.train_step(setup, s, b))
+    state = step.init_state(setup, jax.random.key(0))
+    applied, metrics = fn(state, batch)
+    assert float(metrics['skipped']) == 0.0 and int(applied.step) == 1
+    assert not np.array_equal(applied.params['logit_scale'], state.params['logit_scale'])
+    poisoned = applied.replace(params={**applied.params, 'logit_scale': jax.numpy.full(
+        (), np.nan, np.float32)})
+    kept, metrics = fn(poisoned, batch)
+    kept, metrics = fn(kept, batch)
+    assert float(metrics['skipped']) == 1.0 and not np.isfinite(float(metrics['loss']))
+    assert int(kept.step) == 3
+    assert {k: int(v) for k, v in kept.health.items()} == {'skipped_in_a_row': 2,
+                                                            'skipped_total': 2}
+    for want, got in zip(jax.tree.leaves((poisoned.params, poisoned.opt_state)),
+                         jax.tree.leaves((kept.params, kept.opt_state))):
+        np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
