@@ -43,8 +43,9 @@ CASES = {
 VOCAB = 49408
 
 
-def psd_jax_worker(case: dict, steps: int, repeats: int, warmup: int) -> dict:
-    """Times psd_jax's compiled train step (loss.kind clip) on one device."""
+def psd_jax_step(case: dict) -> dict:
+    """psd_jax's compiled train step (loss.kind clip) for `case` on one device, with its
+    initial state and a device-resident batch: {'fn', 'state', 'batch'}."""
     import jax
     import numpy as np
 
@@ -68,9 +69,17 @@ def psd_jax_worker(case: dict, steps: int, repeats: int, warmup: int) -> dict:
     shardings = step.state_shardings(setup, config.param_sharding)
     spec = step.batch_spec(setup, case['batch'])
     batch = batch_lib.synthetic(spec, np.random.default_rng(0), VOCAB)
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    fn = step.compile_train_step(setup, shardings, spec)
-    state = step.init_state(setup, jax.random.key(0), config.param_sharding)
+    return {'fn': step.compile_train_step(setup, shardings, spec),
+            'state': step.init_state(setup, jax.random.key(0), config.param_sharding),
+            'batch': jax.device_put(batch, sharding.batch_sharding(mesh))}
+
+
+def psd_jax_worker(case: dict, steps: int, repeats: int, warmup: int) -> dict:
+    """Times psd_jax's compiled train step (loss.kind clip) on one device."""
+    import jax
+
+    run = psd_jax_step(case)
+    fn, state, batch = run['fn'], run['state'], run['batch']
     for _ in range(warmup):
         state, metrics = fn(state, batch)
     jax.block_until_ready(metrics)
