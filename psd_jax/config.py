@@ -16,7 +16,7 @@ from psd_jax import guard, losses, schedules, sharding, step
 from psd_jax.evaluation import run as evaluation
 from psd_jax.data import builders, datasets, pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
-from psd_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
+from psd_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLS, REMAT_POLICIES
 
 C = ml_collections.ConfigDict
 
@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.context_length = 16
     config.model.embed_dim = 0  # 0: the preset's
     config.model.text_pool = 'argmax'  # argmax (CLIP BPE) | last (SentencePiece)
+    config.model.act = ''  # '': the preset's (quick_gelu) | quick_gelu | gelu (exact) | gelu_tanh
+    # pretrained weights to start from (OpenAI CLIP / open_clip: a .safetensors, .bin or .pt
+    # file, or an open_clip folder); the optimizer starts fresh (psd_jax/pretrained.py)
+    config.model.init_from = ''
     # memory levers that leave the values alone: what a transformer block keeps for the
     # backward pass (none | minimal: matmul outputs | full: recompute the block), and the
     # blocks under one scan (compile time independent of depth; parameters stacked, so a
@@ -192,6 +196,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            '0 <= read_threads <= read_ahead (0 and 0: read in the pipeline\'s thread)')
     _check(config.model.remat in REMAT_POLICIES, 'model.remat',
            f'{config.model.remat!r} is not one of {list(REMAT_POLICIES)}')
+    _check(config.model.act in ('',) + tuple(ACTIVATIONS), 'model.act',
+           f'{config.model.act!r} is not one of {["", *ACTIVATIONS]}')
     _check(config.model.attention in ATTENTION_IMPLS, 'model.attention',
            f'{config.model.attention!r} is not one of {list(ATTENTION_IMPLS)}')
     _check(0.0 <= config.model.patch_dropout < 1.0, 'model.patch_dropout',
@@ -251,6 +257,8 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
                  'text_pool': config.model.text_pool}
     if config.model.embed_dim:
         overrides['embed_dim'] = config.model.embed_dim
+    if config.model.act:
+        overrides['act'] = config.model.act
     return preset(config.model.preset, **overrides)
 
 

@@ -42,8 +42,11 @@ def _byte_to_unicode() -> dict[int, str]:
 
 
 def _clean(text: str) -> str:
-    """CLIP's normalisation: unescape HTML twice, collapse whitespace, lower-case."""
-    text = html.unescape(html.unescape(text))
+    """open_clip's normalisation ('lower'): ftfy's text fixing (mojibake, curly quotes,
+    ligatures, full-width characters), HTML unescaped twice, whitespace collapsed, lower case."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return ' '.join(text.split()).lower()
 
 
@@ -57,8 +60,14 @@ def _padded(texts: str | Sequence[str], length: int, encode) -> np.ndarray:
     return out[0] if single else out
 
 
+# open_clip's names of the start and end tokens: written in a caption, they are those tokens
+SPECIAL_TOKENS = ('<start_of_text>', '<end_of_text>')
+
+
 class ClipTokenizer:
-    """CLIP's byte-level BPE: 49,408 ids, <|startoftext|> = 49406, <|endoftext|> = 49407.
+    """CLIP's byte-level BPE, exactly as open_clip 3.3 tokenises: 49,408 ids, start 49406, end
+    49407 (a caption holding '<start_of_text>' or '<end_of_text>' gets those ids there; the
+    older '<|endoftext|>' spelling is ordinary text).
 
     Texts longer than the context are truncated keeping the end-of-text token last (the text
     tower reads its feature there).
@@ -84,16 +93,16 @@ class ClipTokenizer:
             raise ValueError(f'{path} does not hold CLIP\'s {_CLIP_MERGES} BPE merges')
         symbols = list(_byte_to_unicode().values())
         vocab = symbols + [s + '</w>' for s in symbols] + [''.join(m) for m in merges]
-        vocab += ['<|startoftext|>', '<|endoftext|>']
+        vocab += list(SPECIAL_TOKENS)
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.ranks = {m: i for i, m in enumerate(merges)}
-        self.sot, self.eot = self.encoder['<|startoftext|>'], self.encoder['<|endoftext|>']
+        self.sot, self.eot = (self.encoder[t] for t in SPECIAL_TOKENS)
         self.context_length = context_length
         self._bytes = _byte_to_unicode()
         self._pattern = regex.compile(
-            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+            '|'.join(SPECIAL_TOKENS) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
             r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
-        self._cache: dict[str, list[str]] = {}
+        self._cache: dict[str, list[str]] = {t: [t] for t in SPECIAL_TOKENS}
 
     def _bpe(self, word: str) -> list[str]:
         if word in self._cache:

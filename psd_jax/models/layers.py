@@ -53,7 +53,14 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': nn.gelu, 'relu': nn.relu}
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as PyTorch's nn.GELU() and open_clip's non-quickgelu models."""
+    return nn.gelu(x, approximate=False)
+
+
+# quick_gelu: OpenAI CLIP's; gelu: exact erf GELU (open_clip's LAION / DataComp models);
+# gelu_tanh: the tanh approximation (2e-4 from exact)
+ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': gelu, 'gelu_tanh': nn.gelu, 'relu': nn.relu}
 
 
 def activation(name: str) -> Callable:

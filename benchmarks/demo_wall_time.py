@@ -1,0 +1,88 @@
+"""Wall time of the demo, start to final metrics, against an older revision of the code.
+
+    git worktree add /tmp/psd_jax_base <revision>
+    python benchmarks/demo_wall_time.py --baseline /tmp/psd_jax_base [--runs 3]
+        [--baseline_cache /tmp/base_cache] [--out benchmarks/results/demo_wall_time.json]
+
+Runs `python -m psd_jax.main --config configs/demo.py` in a fresh workdir with this tree's code
+and with the baseline tree's (PYTHONPATH), alternating, --runs times each; the data are fetched
+and prepared beforehand (one untimed run of each), so the times cover compiling, training and
+evaluating. The baseline gets its own data cache (PSD_JAX_CACHE, a copy of this one's fetched
+sources), so an older dataset version never overwrites the current one. Prints the median wall
+times, their ratio, and each run's final retrieval and zero-shot numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = pathlib.Path(os.environ.get('PSD_JAX_CACHE', pathlib.Path.home() / '.cache' / 'psd_jax'))
+KEYS = ('eval/retrieval/i2t_R@1', 'eval/retrieval/t2i_R@1', 'eval/zero_shot/top1')
+
+
+def run_demo(tree: pathlib.Path, cache: pathlib.Path) -> dict:
+    """One demo run of the code in `tree`; its wall time and final metrics."""
+    env = dict(os.environ, PYTHONPATH=str(tree), PSD_JAX_CACHE=str(cache))
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, '-m', 'psd_jax.main', '--config',
+                               str(tree / 'configs' / 'demo.py'), '--workdir', workdir],
+                              env=env, cwd=tree, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            raise SystemExit(f'demo in {tree} failed:\n{done.stderr[-3000:]}')
+        final = json.loads((pathlib.Path(workdir) / 'final_metrics.json').read_text())
+    return {'seconds': seconds, 'metrics': {k: final[k] for k in KEYS if k in final}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--baseline', type=pathlib.Path, required=True,
+                        help='a checkout of the revision to compare with')
+    parser.add_argument('--baseline_cache', type=pathlib.Path,
+                        default=pathlib.Path(tempfile.gettempdir()) / 'psd_jax_base_cache')
+    parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' /
+                                             'demo_wall_time.json'))
+    args = parser.parse_args()
+    if not (args.baseline / 'psd_jax').is_dir():
+        raise SystemExit(f'--baseline {args.baseline}: no psd_jax package there')
+    args.baseline_cache.mkdir(parents=True, exist_ok=True)
+    for name in ('emoji_sources', 'bpe_simple_vocab_16e6.txt.gz'):
+        source, target = CACHE / name, args.baseline_cache / name
+        if not target.exists():
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    trees = {'current': (ROOT, CACHE), 'baseline': (args.baseline, args.baseline_cache)}
+    for name, (tree, cache) in trees.items():  # untimed: prepares the data, fills OS caches
+        print(f'warm-up run ({name})...', flush=True)
+        run_demo(tree, cache)
+    runs = {name: [] for name in trees}
+    for r in range(args.runs):
+        for name, (tree, cache) in trees.items():
+            result = run_demo(tree, cache)
+            runs[name].append(result)
+            print(f'run {r + 1}/{args.runs} {name}: {result["seconds"]:.1f} s '
+                  f'{result["metrics"]}', flush=True)
+    median = {name: statistics.median(r['seconds'] for r in rs) for name, rs in runs.items()}
+    print(f'\nmedian wall time: current {median["current"]:.1f} s, baseline '
+          f'{median["baseline"]:.1f} s; speed-up {median["baseline"] / median["current"]:.2f}x')
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({'baseline': str(args.baseline), 'median_s': median,
+                               'speedup': median['baseline'] / median['current'],
+                               'runs': runs}, indent=1))
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    main()

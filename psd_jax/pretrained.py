@@ -1,0 +1,124 @@
+"""Pretrained CLIP weights as files: read OpenAI / open_clip checkpoints, write open_clip folders.
+
+Reading (`read`): a `.safetensors` file; a PyTorch `.bin` / `.pt` / `.pth` file, when torch is
+installed (OpenAI's TorchScript archives included; torch stays optional); or a folder holding
+`open_clip_config.json` and its weights (open_clip's `local-dir:` / Hugging Face layout), whose
+config gives the activation. Writing (`write_open_clip`): such a folder, which open_clip loads
+with `open_clip.create_model_and_transforms('local-dir:FOLDER')`. The tensors are mapped by
+psd_jax/models/convert.py.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from psd_jax.models import ModelSpec, convert
+from psd_jax.models.clip import CLIP_MEAN, CLIP_STD
+
+CONFIG_NAME = 'open_clip_config.json'
+WEIGHTS_NAME = 'open_clip_model.safetensors'
+WEIGHT_FILES = (WEIGHTS_NAME, 'open_clip_pytorch_model.safetensors', 'model.safetensors',
+                'open_clip_pytorch_model.bin', 'pytorch_model.bin', 'model.pt')
+
+
+def _torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(f'{path}: reading a PyTorch checkpoint needs torch (pip install torch), '
+                         'or convert it to .safetensors first') from e
+    try:  # OpenAI's releases are TorchScript archives
+        loaded = torch.jit.load(str(path), map_location='cpu').state_dict()
+    except RuntimeError:
+        loaded = torch.load(str(path), map_location='cpu', weights_only=True)
+    if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
+        loaded = loaded['state_dict']  # an open_clip training checkpoint
+    out = {}
+    for key, value in loaded.items():
+        key = key[len('module.'):] if key.startswith('module.') else key
+        out[key] = value.float().numpy() if hasattr(value, 'numpy') else np.asarray(value)
+    return out
+
+
+def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
+    """(state dict as float32 numpy arrays, open_clip model config or None) from a weights
+    file or an open_clip folder (the config when one lies beside the weights)."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f'model.init_from={str(path)!r}: no such file or folder')
+    folder = path if path.is_dir() else path.parent
+    cfg = None
+    if (folder / CONFIG_NAME).is_file():
+        cfg = json.loads((folder / CONFIG_NAME).read_text()).get('model_cfg')
+    if path.is_dir():
+        found = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f'{path}: no weights file in it (looked for {WEIGHT_FILES})')
+        path = found[0]
+    if path.suffix == '.safetensors':
+        from safetensors.numpy import load_file
+        state_dict = {k: np.asarray(v, np.float32) for k, v in load_file(str(path)).items()}
+    elif path.suffix in ('.bin', '.pt', '.pth'):
+        state_dict = _torch_state_dict(path)
+    else:
+        raise ValueError(f'{path}: unknown weights format {path.suffix!r}; allowed: '
+                         '.safetensors, .bin, .pt, .pth, or an open_clip folder')
+    return state_dict, cfg
+
+
+def load(path: str | pathlib.Path, act: str | None = None) -> tuple[dict, ModelSpec]:
+    """({'params', 'batch_stats'} as numpy, the architecture) of a pretrained checkpoint.
+    `act`: the activation when the files do not say (OpenAI's models: quick_gelu); when they
+    do and it differs, a ValueError names both."""
+    import jax
+
+    from psd_jax.models import build_model
+    from psd_jax import batch as batch_lib
+
+    state_dict, cfg = read(path)
+    said = None if cfg is None else ('quick_gelu' if cfg.get('quick_gelu') else 'gelu')
+    if said and act and said != act:
+        raise ValueError(f'{path} is a model with activation {said!r} (its {CONFIG_NAME}), but '
+                         f'{act!r} was asked for (model.act)')
+    spec = convert.infer_spec(state_dict, said or act or 'quick_gelu', cfg)
+    model = build_model(spec)
+    inputs = batch_lib.input_spec(model, 1)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), inputs['image'], inputs['text'])
+    from flax import linen as nn
+    shapes = nn.meta.unbox(shapes)
+    shapes.setdefault('batch_stats', {})
+    return convert.import_state_dict(state_dict, spec, shapes), spec
+
+
+def check_matches(spec: ModelSpec, wanted: ModelSpec, path: str) -> None:
+    """Refuse pretrained weights whose architecture is not the config's, naming the fields."""
+    if spec == wanted:
+        return
+    fields = [f for f in ModelSpec.__dataclass_fields__
+              if getattr(spec, f) != getattr(wanted, f)]
+    diffs = ', '.join(f'{f}: {getattr(spec, f)!r} in the weights, {getattr(wanted, f)!r} in the '
+                      f'config' for f in fields)
+    name = convert.preset_name(spec)
+    hint = (f"; the weights are preset {name!r}" if name else '') + (
+        ' (set model.preset, model.image_size, model.context_length, model.vocab_size, '
+        'model.embed_dim and model.act to match)')
+    raise ValueError(f'model.init_from={path!r} does not fit the config: {diffs}{hint}')
+
+
+def write_open_clip(folder: str | pathlib.Path, variables: Mapping[str, Any],
+                    spec: ModelSpec) -> pathlib.Path:
+    """An open_clip folder (config + safetensors) holding psd_jax `variables`."""
+    from safetensors.numpy import save_file
+
+    folder = pathlib.Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(convert.export_state_dict(variables, spec), str(folder / WEIGHTS_NAME))
+    preprocess = {'mean': list(CLIP_MEAN), 'std': list(CLIP_STD), 'interpolation': 'bicubic',
+                  'resize_mode': 'shortest'}
+    (folder / CONFIG_NAME).write_text(json.dumps(
+        {'model_cfg': convert.open_clip_config(spec), 'preprocess_cfg': preprocess}, indent=1))
+    return folder
