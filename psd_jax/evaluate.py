@@ -3,6 +3,12 @@
 Restores the latest (or the given) checkpoint of the run in W, onto this machine's mesh, runs
 the evaluators the config lists (`config.eval.evaluators`, overridable like any key) and writes
 <workdir>/eval_step_<N>.json.
+
+    python -m psd_jax.evaluate --config C --init_from PATH [--workdir W]
+
+evaluates pretrained weights instead (OpenAI CLIP / open_clip: psd_jax/pretrained.py), with no
+training; the config must describe their architecture (model.preset, sizes, model.act). The
+results are printed, and written to <workdir>/eval_pretrained.json when a workdir is given.
 """
 
 from __future__ import annotations
@@ -19,36 +25,48 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'The run directory holding checkpoints/.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_string('init_from', None, 'Pretrained weights to evaluate instead of a checkpoint '
+                    '(.safetensors, .bin, .pt or an open_clip folder).')
+flags.mark_flags_as_required(['config'])
 
 
 def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, float]:
     """Restore a checkpoint of `workdir` and run the configured evaluators on it."""
-    from psd_jax import checkpointing, config as config_lib, layout, sharding
     from psd_jax.data.from_config import make_tokenizer
     from psd_jax.evaluation.run import run_evaluators
+    from psd_jax.restore import restore_variables
 
-    config_lib.validate(config)
-    ckpt = checkpointing.Checkpointer(workdir, asynchronous=False)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: nothing to evaluate')
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    size = 0
-    if config_lib.loss_config(config).needs_bank:  # the bank's shape is part of the state
-        from psd_jax.data.from_config import open_split
-        size = len(open_split(config, config.data.train_split))
-    setup = config_lib.step_setup(config, mesh, dataset_size=size)
-    abstract, to_current = layout.restore_plan(setup, config.param_sharding,
-                                               ckpt.restore_config(step_number))
-    state, at = ckpt.restore(abstract, None, step_number)
-    state = to_current(state)
-    ckpt.close()
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables, at, setup, mesh = restore_variables(config, workdir, step_number)
     result = {'step': at, **run_evaluators(config, setup.model, variables, mesh,
                                            make_tokenizer(config))}
     out = epath.Path(workdir) / f'eval_step_{at}.json'
     out.write_text(json.dumps(result, indent=1))
     logging.info('wrote %s', out)
+    return result
+
+
+def evaluate_pretrained(config, path: str, workdir: str | None = None) -> dict[str, float]:
+    """Run the configured evaluators on pretrained weights (no training, no checkpoint)."""
+    import jax
+
+    from psd_jax import config as config_lib, layout, pretrained, sharding
+    from psd_jax.data.from_config import make_tokenizer
+    from psd_jax.evaluation.run import run_evaluators
+
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    setup = config_lib.step_setup(config, mesh)
+    imported = pretrained.for_config(config, path)
+    params = layout.convert(imported['params'], config.model.scan_layers)
+    variables = {'params': jax.device_put(params, sharding.replicated(mesh)),
+                 'batch_stats': jax.device_put(imported['batch_stats'], sharding.replicated(mesh))}
+    result = {'init_from': path, **run_evaluators(config, setup.model, variables, mesh,
+                                                  make_tokenizer(config))}
+    if workdir:
+        out = epath.Path(workdir) / 'eval_pretrained.json'
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        logging.info('wrote %s', out)
     return result
 
 
@@ -58,7 +76,13 @@ def main(argv) -> None:
     from psd_jax.cli import quiet_libraries
     quiet_libraries()
     try:
-        result = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
+        if FLAGS.init_from:
+            result = evaluate_pretrained(FLAGS.config, FLAGS.init_from, FLAGS.workdir)
+        elif not FLAGS.workdir:
+            raise ValueError('--workdir is required (or --init_from to evaluate pretrained '
+                             'weights)')
+        else:
+            result = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
     except (ValueError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

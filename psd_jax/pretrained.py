@@ -122,3 +122,51 @@ def write_open_clip(folder: str | pathlib.Path, variables: Mapping[str, Any],
     (folder / CONFIG_NAME).write_text(json.dumps(
         {'model_cfg': convert.open_clip_config(spec), 'preprocess_cfg': preprocess}, indent=1))
     return folder
+
+
+def for_config(config: Any, path: str | None = None) -> dict:
+    """The variables of `path` (default: config.model.init_from), refused by name unless
+    their architecture is the config's model (preset, sizes and activation)."""
+    from psd_jax import config as config_lib
+
+    path = path or config.model.init_from
+    variables, spec = load(path, act=config.model.act or None)
+    check_matches(spec, config_lib.model_spec(config), path)
+    return variables
+
+
+def _merge(fresh: Any, imported: Mapping[str, Any], where: str = '') -> Any:
+    """`fresh` (a parameter dict) with every leaf `imported` has replaced by it; leaves the
+    checkpoint cannot have (a sigmoid loss's logit_bias) keep their initial value."""
+    if not isinstance(fresh, Mapping):
+        if tuple(np.shape(fresh)) != tuple(np.shape(imported)):
+            raise ValueError(f'pretrained {where}: shape {np.shape(imported)}, the model has '
+                             f'{np.shape(fresh)}')
+        return np.asarray(imported, np.float32)
+    extra = set(imported) - set(fresh)
+    if extra:
+        raise ValueError(f'pretrained weights have {sorted(extra)} under {where or "/"}, which '
+                         'the model does not')
+    return {k: _merge(v, imported[k], f'{where}/{k}') if k in imported else v
+            for k, v in fresh.items()}
+
+
+def into_state(state: Any, variables: Mapping[str, Any], shardings: Any,
+               scan_layers: bool) -> Any:
+    """A freshly initialised TrainState with pretrained `variables` as its parameters (and
+    BatchNorm statistics, and EMA teacher), placed as `shardings` says; the optimizer state
+    stays fresh (its moments are zeros whatever the parameters)."""
+    import jax
+    import jax.numpy as jnp
+
+    from psd_jax import layout
+
+    params = _merge(jax.device_get(state.params),
+                    layout.convert(variables['params'], scan_layers))
+    params = jax.device_put(params, shardings.params)
+    batch_stats = state.batch_stats
+    if variables.get('batch_stats'):
+        batch_stats = jax.device_put(_merge(jax.device_get(state.batch_stats),
+                                            variables['batch_stats']), shardings.batch_stats)
+    ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+    return state.replace(params=params, batch_stats=batch_stats, ema_params=ema)

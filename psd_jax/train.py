@@ -17,7 +17,7 @@ from etils import epath
 
 from psd_jax import batch as batch_lib
 from psd_jax import checkpointing, config as config_lib, guard, layout, metrics, resume, sharding
-from psd_jax import mfu as mfu_lib
+from psd_jax import mfu as mfu_lib, pretrained
 from psd_jax import step
 from psd_jax import workdir as workdir_lib
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
@@ -124,6 +124,11 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
 
     if ckpt.latest_step() is None:
         state = step.init_state(setup, jax.random.key(config.seed), config.param_sharding)
+        if config.model.init_from:
+            state = pretrained.into_state(state, pretrained.for_config(config), shardings,
+                                          config.model.scan_layers)
+            logging.info('parameters from %s (the optimizer starts fresh)',
+                         config.model.init_from)
         start, iterator = 0, data(0)
     else:
         plan: list = []  # the restore plan of the checkpoint last tried (the one restored)

@@ -135,6 +135,12 @@ def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
             raise ValueError(f'not a CLIP state dict: no {key!r} (has e.g. '
                              f'{sorted(state_dict)[:5]})')
     vocab, text_width = shape('token_embedding.weight')
+    for what, width, per_head in (('text', text_width, text_cfg.get('heads') and text_width //
+                                   text_cfg['heads'] or HEAD_WIDTH),):
+        if width % per_head or width < per_head:
+            raise ValueError(f'cannot tell the {what} tower\'s attention heads: width {width} is '
+                             f'not a multiple of {per_head}; put its open_clip_config.json '
+                             '(which names them) beside the weights')
     text = dict(vocab_size=vocab, text_width=text_width,
                 text_heads=text_cfg.get('heads') or text_width // HEAD_WIDTH,
                 context_length=shape('positional_embedding')[0],
@@ -142,6 +148,10 @@ def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
                 embed_dim=shape('text_projection')[1], act=act)
     if 'visual.class_embedding' in state_dict:
         width, _, patch, _ = shape('visual.conv1.weight')
+        if width % head_width or width < head_width:
+            raise ValueError(f'cannot tell the image tower\'s attention heads: width {width} is '
+                             f'not a multiple of {head_width}; put its open_clip_config.json '
+                             '(which names them) beside the weights')
         grid = math.isqrt(shape('visual.positional_embedding')[0] - 1)
         image = dict(kind='vit', patch_size=patch, width=width, heads=width // head_width,
                      depth=_count(state_dict, r'visual\.transformer\.resblocks\.(\d+)\.'))
@@ -229,7 +239,7 @@ def export_state_dict(variables: Mapping[str, Any], spec: ModelSpec) -> dict[str
     out = {}
     for key, rule in layout(spec).items():
         x = np.asarray(_nested_get(variables[rule.collection], rule.path), np.float32)
-        out[key] = np.ascontiguousarray(_to_torch(rule, x))
+        out[key] = np.array(_to_torch(rule, x), order="C")  # 0-d stays 0-d
     return out
 
 
