@@ -204,6 +204,14 @@ def test_a_live_open_clip_model_converts_and_loads_back(tmp_path):
     got = psd.apply({'params': variables['params']}, jnp.asarray(tokens.numpy(), jnp.int32),
                     method=psd.encode_text)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    mean, std = np.array(open_clip.OPENAI_DATASET_MEAN), np.array(open_clip.OPENAI_DATASET_STD)
+    normalised = torch.from_numpy(((pixels / 255 - mean) / std).astype(np.float32))
+    with torch.no_grad():
+        want = model.encode_image(normalised.permute(0, 3, 1, 2), normalize=True).numpy()
+    got = psd.apply({'params': variables['params']}, jnp.asarray(pixels),
+                    method=psd.encode_image)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     folder = pretrained.write_open_clip(tmp_path / 'exported', variables, spec)
     loaded = open_clip.create_model(f'local-dir:{folder}').eval()
     for key, value in model.state_dict().items():
