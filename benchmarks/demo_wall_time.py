@@ -6,9 +6,10 @@
 
 Runs `python -m psd_jax.main --config configs/demo.py` in a fresh workdir with this tree's code
 and with the baseline tree's (PYTHONPATH), alternating, --runs times each; the data are fetched
-and prepared beforehand (one untimed run of each), so the times cover compiling, training and
-evaluating. The baseline gets its own data cache (PSD_JAX_CACHE, a copy of this one's fetched
-sources), so an older dataset version never overwrites the current one. Prints the median wall
+and prepared beforehand, so the times cover compiling, training and evaluating. The baseline
+gets its own data cache (PSD_JAX_CACHE: a copy of this one's fetched sources and prepared emoji
+dataset), so an older dataset version never overwrites the current one; --warmup adds one
+untimed run of each first, for data not yet prepared. Prints the median wall
 times, their ratio, and each run's final retrieval and zero-shot numbers.
 """
 
@@ -52,18 +53,21 @@ def main() -> None:
     parser.add_argument('--baseline_cache', type=pathlib.Path,
                         default=pathlib.Path(tempfile.gettempdir()) / 'psd_jax_base_cache')
     parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument('--warmup', action='store_true',
+                        help='one untimed run of each first (prepares data not yet prepared)')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' /
                                              'demo_wall_time.json'))
     args = parser.parse_args()
     if not (args.baseline / 'psd_jax').is_dir():
         raise SystemExit(f'--baseline {args.baseline}: no psd_jax package there')
     args.baseline_cache.mkdir(parents=True, exist_ok=True)
-    for name in ('emoji_sources', 'bpe_simple_vocab_16e6.txt.gz'):
+    for name in ('emoji_sources', 'bpe_simple_vocab_16e6.txt.gz', 'tfds/emoji'):
         source, target = CACHE / name, args.baseline_cache / name
-        if not target.exists():
+        if source.exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
     trees = {'current': (ROOT, CACHE), 'baseline': (args.baseline, args.baseline_cache)}
-    for name, (tree, cache) in trees.items():  # untimed: prepares the data, fills OS caches
+    for name, (tree, cache) in trees.items() if args.warmup else ():  # untimed
         print(f'warm-up run ({name})...', flush=True)
         run_demo(tree, cache)
     runs = {name: [] for name in trees}
