@@ -7,7 +7,7 @@ base_config()'s tiny ViT (32 px, patch 8) and text transformer with CLIP's BPE, 
 one the project's PSD-vs-CLIP sweep chose, docs/results/psd_vs_clip.md: an EMA teacher,
 momentum 0.99, at twice the student's temperature on half of each batch, a ramped linearly to
 0.5). Ends with image <-> caption retrieval on the 1,911 Twitter-style emoji (held out): about
-4 minutes on a 2-core CPU; see the README for the numbers it reaches. Zero-shot classification
+2 minutes on a 2-core CPU; see the README for the numbers it reaches. Zero-shot classification
 of the held-out emoji into their 10 groups is reported too.
 """
 
