@@ -29,6 +29,10 @@ MAY_CHANGE = (
     'model.scan_layers',  # the checkpoint's layout is converted on restore (psd_jax/layout.py)
 )
 
+# Keys added to the config since runs were made: a checkpoint whose config lacks one ran with the
+# behaviour the value here gives, so meeting that value on resume is no change.
+ADDED_KEYS = {'model.act': '', 'model.init_from': '', 'loss.psd.soft_weight': 'constant'}
+
 
 def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}, with values as JSON gives them back (tuples as lists),
@@ -53,6 +57,9 @@ def check_resume(saved: Mapping[str, Any], new: Mapping[str, Any], checkpoint_st
     changed keys as {key: (old, new)} when every change is allowed; raises ValueError naming
     each forbidden change otherwise. `where`: the checkpoint directory, for the message."""
     old, cur = flatten(saved), flatten(new)
+    for key, value in ADDED_KEYS.items():
+        if key not in old and cur.get(key) == value:
+            old[key] = value
     changed = {k: (old.get(k, '<absent>'), cur.get(k, '<absent>'))
                for k in sorted(set(old) | set(cur)) if old.get(k, '<absent>') != cur.get(
                    k, '<absent>')}

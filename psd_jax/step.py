@@ -255,7 +255,7 @@ def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
         out['image'], out['text'], out['logit_scale'], mesh=mesh,
         subset=subset, alpha=alpha, teacher=teacher,
         teacher_temperature=cfg.teacher_temperature, teacher_diagonal=cfg.teacher_diagonal,
-        **impl)
+        soft_weight=cfg.soft_weight, **impl)
 
 
 def _loss_and_grads(setup: StepSetup, state: TrainState, batch: dict,

@@ -29,8 +29,11 @@ def _masked_softmax_rows(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def psd_reference(u, v, logit_scale, subset=None, alpha=0.0, teacher=None,
-                  teacher_temperature=1.0, remove_diagonal=False):
+                  teacher_temperature=1.0, remove_diagonal=False, soft_weight='constant'):
     """Loss, parts, gradients (d/du, d/dv, d/dlogit_scale) and their magnitudes in float64.
+    soft_weight: 'constant' (each subset row's teacher share is alpha) or 'off_diagonal' (alpha
+    times 1 - the teacher's probability of the row's own pair; a constant of the student, like
+    the targets).
 
     d/dlogit_scale = sum_ij (d loss / d s_ij) s_ij cancels between positive and negative terms;
     its magnitude is the sum of the terms' absolute values, the scale of float32 rounding.
@@ -61,8 +64,12 @@ def psd_reference(u, v, logit_scale, subset=None, alpha=0.0, teacher=None,
     p_teacher_rows = _masked_softmax_rows(tl, valid)       # image i -> captions
     p_teacher_cols = _masked_softmax_rows(tl.T, valid)     # caption j -> images
     w = alpha * subset.astype(np.float64)
-    q_rows = (1 - w)[:, None] * eye + w[:, None] * p_teacher_rows
-    q_cols = (1 - w)[:, None] * eye + w[:, None] * p_teacher_cols
+    w_rows = w_cols = w
+    if soft_weight == 'off_diagonal':  # a times the teacher's mass off the row's own pair
+        w_rows = w * (1 - np.diag(p_teacher_rows))
+        w_cols = w * (1 - np.diag(p_teacher_cols))
+    q_rows = (1 - w_rows)[:, None] * eye + w_rows[:, None] * p_teacher_rows
+    q_cols = (1 - w_cols)[:, None] * eye + w_cols[:, None] * p_teacher_cols
 
     def direction(logits, q):
         lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
@@ -83,7 +90,8 @@ def psd_reference(u, v, logit_scale, subset=None, alpha=0.0, teacher=None,
     k = subset.sum()
     parts = {'clip': (hard_r.sum() + hard_c.sum()) / (2 * n),
              'distill': (soft_r[subset].sum() + soft_c[subset].sum()) / (2 * max(k, 1)),
-             'subset_size': float(k)}
+             'subset_size': float(k),
+             'soft_weight': (w_rows[subset].sum() + w_cols[subset].sum()) / (2 * max(k, 1))}
     magnitudes = (np.abs(grad_u).max(), np.abs(grad_v).max(), np.abs(d_s * s).sum())
     return loss, parts, (grad_u, grad_v, grad_scale), magnitudes
 

@@ -59,7 +59,8 @@ def close(got, ref, what, seed, magnitude=None):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_psd(mesh, mode: str, teacher_temperature: float, diagonal: str):
+def compiled_psd(mesh, mode: str, teacher_temperature: float, diagonal: str,
+                 soft_weight: str = 'constant'):
     """jit(value_and_grad) of psd_loss for one structure; alpha and subset are runtime inputs."""
 
     def f(u, v, scale, subset, alpha, tu, tv, tscale):
@@ -70,25 +71,28 @@ def compiled_psd(mesh, mode: str, teacher_temperature: float, diagonal: str):
             return losses.clip_loss(u, v, scale, mesh=mesh)
         return losses.psd_loss(u, v, scale, mesh=mesh, subset=subset, alpha=alpha,
                                teacher=teacher, teacher_temperature=teacher_temperature,
-                               teacher_diagonal=diagonal)
+                               teacher_diagonal=diagonal, soft_weight=soft_weight)
 
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 5, 6, 7), has_aux=True))
 
 
-PSD_CASES = [  # (teacher source, teacher temperature, diagonal)
-    ('clip', 1.0, 'keep'),
-    ('same_pass', 2.0, 'keep'),
-    ('same_pass', 1.0, 'remove'),
-    ('second_pass', 1.5, 'keep'),
-    ('ema', 0.7, 'remove'),
+PSD_CASES = [  # (teacher source, teacher temperature, diagonal, soft weight)
+    ('clip', 1.0, 'keep', 'constant'),
+    ('same_pass', 2.0, 'keep', 'constant'),
+    ('same_pass', 1.0, 'remove', 'constant'),
+    ('second_pass', 1.5, 'keep', 'constant'),
+    ('ema', 0.7, 'remove', 'constant'),
+    ('same_pass', 2.0, 'keep', 'off_diagonal'),
+    ('ema', 0.7, 'keep', 'off_diagonal'),
 ]
 
 
 @pytest.mark.parametrize('mesh_name', list(MESHES))
-@pytest.mark.parametrize('mode,temperature,diagonal', PSD_CASES)
-def test_psd_matches_float64_reference(meshes, mesh_name, mode, temperature, diagonal):
+@pytest.mark.parametrize('mode,temperature,diagonal,soft_weight', PSD_CASES)
+def test_psd_matches_float64_reference(meshes, mesh_name, mode, temperature, diagonal,
+                                       soft_weight):
     mesh = meshes[mesh_name]
-    fn = compiled_psd(mesh, mode, temperature, diagonal)
+    fn = compiled_psd(mesh, mode, temperature, diagonal, soft_weight)
     for alpha, fraction in ((0.3, 0.5), (1.0, 1.0), (0.8, 0.125)):
         seed, rng, u, v, scale, unit = fresh_inputs()
         idx = np.sort(rng.permutation(B)[:losses.subset_size(B, fraction)])
@@ -102,10 +106,11 @@ def test_psd_matches_float64_reference(meshes, mesh_name, mode, temperature, dia
         ref_teacher = None if mode in ('clip', 'same_pass') else (tu, tv, tscale, subset)
         ref_loss, ref_parts, ref_grads, magnitudes = psd_reference(
             u, v, scale, None if mode == 'clip' else subset, alpha, ref_teacher,
-            temperature, diagonal == 'remove')
-        tag = f'{mode} T={temperature} {diagonal} mesh={mesh_name} a={alpha} f={fraction}'
+            temperature, diagonal == 'remove', soft_weight)
+        tag = (f'{mode} T={temperature} {diagonal} {soft_weight} mesh={mesh_name} a={alpha} '
+               f'f={fraction}')
         close(loss, ref_loss, f'loss {tag}', seed)
-        for key in ('clip', 'distill') if mode != 'clip' else ('clip',):
+        for key in ('clip', 'distill', 'soft_weight') if mode != 'clip' else ('clip',):
             close(parts[key], ref_parts[key], f'part {key} {tag}', seed)
         if mode != 'clip':
             assert float(parts['subset_size']) == ref_parts['subset_size']

@@ -58,6 +58,20 @@ def test_a_deliberate_change_passes_when_named():
     assert resume.check_resume(saved, new, 10, '/w')['optim.lr'] == (1e-3, 1e-4)
 
 
+def test_keys_added_since_a_checkpoint_pass_at_the_value_that_keeps_its_behaviour():
+    saved, new = saved_and_new()
+    for key in resume.ADDED_KEYS:  # a checkpoint written before these keys existed
+        section, *rest = key.split('.')
+        node = saved[section]
+        for part in rest[:-1]:
+            node = node[part]
+        del node[rest[-1]]
+    assert resume.check_resume(saved, new, 4, '/w') == {}
+    new['model']['act'] = 'gelu'
+    with pytest.raises(ValueError, match=r"config.model.act: '<absent>' -> 'gelu'"):
+        resume.check_resume(saved, new, 4, '/w')
+
+
 def test_fewer_steps_than_the_checkpoint_is_refused():
     saved, new = saved_and_new(**{'train.steps': 30})
     with pytest.raises(ValueError, match=r'train.steps=30 is below .* \(40\)'):

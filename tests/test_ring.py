@@ -19,28 +19,32 @@ from reference import psd_reference, sigmoid_reference
 from test_losses import B, D, close, fresh_inputs
 
 MESHES = {'2': {'data': 2}, '4': {'data': 4}, '8': {'data': 8}, '2x4': {'data': 2, 'fsdp': 4}}
-# (teacher input, temperature, diagonal): the same pass; a forward teacher (second pass, EMA)
-# over the subset; a bank / previous-step teacher, whose columns are the pairs it holds
-CASES = [('clip', 1.0, 'keep'), ('same_pass', 2.0, 'keep'), ('same_pass', 1.0, 'remove'),
-         ('forward', 0.7, 'remove'), ('bank', 1.0, 'keep')]
+# (teacher input, temperature, diagonal, soft weight): the same pass; a forward teacher (second
+# pass, EMA) over the subset; a bank / previous-step teacher, whose columns are the pairs it
+# holds; each subset row's teacher share a, or a times the teacher's mass off the pair
+CASES = [('clip', 1.0, 'keep', 'constant'), ('same_pass', 2.0, 'keep', 'constant'),
+         ('same_pass', 1.0, 'remove', 'constant'), ('forward', 0.7, 'remove', 'constant'),
+         ('bank', 1.0, 'keep', 'constant'), ('same_pass', 2.0, 'keep', 'off_diagonal'),
+         ('bank', 0.7, 'keep', 'off_diagonal')]
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(mesh, mode, temperature, diagonal, impl, tile):
+def compiled(mesh, mode, temperature, diagonal, impl, tile, soft_weight='constant'):
     def f(u, v, scale, subset, columns, tu, tv, tscale):
         if mode == 'clip':
             return losses.clip_loss(u, v, scale, mesh=mesh, impl=impl, tile=tile)
         teacher = None if mode == 'same_pass' else losses.Teacher(tu, tv, tscale, columns)
         return losses.psd_loss(u, v, scale, mesh=mesh, subset=subset, alpha=0.6,
                                teacher=teacher, teacher_temperature=temperature,
-                               teacher_diagonal=diagonal, impl=impl, tile=tile)
+                               teacher_diagonal=diagonal, soft_weight=soft_weight,
+                               impl=impl, tile=tile)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
 
 @pytest.mark.parametrize('mesh_name', list(MESHES))
-@pytest.mark.parametrize('mode,temperature,diagonal', CASES)
+@pytest.mark.parametrize('mode,temperature,diagonal,soft_weight', CASES)
 def test_ring_matches_reference_and_all_gather(devices, mesh_name, mode, temperature,
-                                               diagonal):
+                                               diagonal, soft_weight):
     axes = MESHES[mesh_name]
     n = int(np.prod(list(axes.values())))
     mesh = sharding.make_mesh(axes, devices[:n])
@@ -53,16 +57,17 @@ def test_ring_matches_reference_and_all_gather(devices, mesh_name, mode, tempera
     ref_teacher = (tu, tv, tscale, columns) if mode in ('forward', 'bank') else None
     ref_loss, ref_parts, ref_grads, magnitudes = psd_reference(
         u, v, scale, None if mode == 'clip' else subset, 0.6 if mode != 'clip' else 0.0,
-        ref_teacher, temperature, diagonal == 'remove')
-    gathered = compiled(mesh, mode, temperature, diagonal, 'all_gather', 0)(
+        ref_teacher, temperature, diagonal == 'remove', soft_weight)
+    gathered = compiled(mesh, mode, temperature, diagonal, 'all_gather', 0, soft_weight)(
         u, v, scale, subset, columns, tu, tv, tscale)
     for tile in (B // n, max(1, B // n // 4)):
-        (loss, parts), grads = compiled(mesh, mode, temperature, diagonal, 'ring', tile)(
-            u, v, scale, subset, columns, tu, tv, tscale)
-        tag = f'{mode} T={temperature} {diagonal} mesh={mesh_name} tile={tile}'
+        (loss, parts), grads = compiled(mesh, mode, temperature, diagonal, 'ring', tile,
+                                        soft_weight)(u, v, scale, subset, columns, tu, tv,
+                                                     tscale)
+        tag = f'{mode} T={temperature} {diagonal} {soft_weight} mesh={mesh_name} tile={tile}'
         close(loss, ref_loss, f'loss {tag}', seed)
         close(loss, gathered[0][0], f'loss vs all_gather {tag}', seed)
-        for key in ('clip',) if mode == 'clip' else ('clip', 'distill'):
+        for key in ('clip',) if mode == 'clip' else ('clip', 'distill', 'soft_weight'):
             close(parts[key], ref_parts[key], f'part {key} {tag}', seed)
         for name, g, g_all, r, m in zip(('d/image', 'd/text', 'd/logit_scale'), grads,
                                         gathered[1], ref_grads, magnitudes):

@@ -15,6 +15,7 @@ LOSS_KINDS = ('clip', 'psd', 'sigmoid')
 LOSS_IMPLS = ('all_gather', 'ring')
 TEACHERS = ('same_pass', 'second_pass', 'ema', 'bank', 'previous_step')
 DIAGONAL_MODES = ('keep', 'remove')
+SOFT_WEIGHTS = ('constant', 'off_diagonal')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class LossConfig:
     teacher_diagonal: 'keep' or 'remove' (drop the matching pair from the teacher distribution and
       renormalise over the others).
     ema_momentum: decay of the EMA parameters (teacher='ema').
+    soft_weight: how much of a subset row's target is the teacher's: 'constant' (a), or
+      'off_diagonal' (a times the teacher's probability mass off the row's own pair: a teacher
+      sure of the given pair leaves the target one-hot, one that sees other matches shares it).
     impl: 'all_gather' (each device holds b x B slabs) or 'ring' (b x tile tiles, the other
       modality circulating; for very large global batches); tile: the ring's tile width,
       dividing the per-device batch (0: the whole block).
@@ -52,6 +56,7 @@ class LossConfig:
     teacher_temperature: float = 2.0
     teacher_diagonal: str = 'keep'
     ema_momentum: float = 0.99
+    soft_weight: str = 'constant'
     allow_degenerate: bool = False
     impl: str = 'all_gather'
     tile: int = 0
@@ -66,6 +71,9 @@ class LossConfig:
         if self.teacher_diagonal not in DIAGONAL_MODES:
             raise ValueError(f'psd.teacher_diagonal={self.teacher_diagonal!r} is not known; '
                              f'allowed: {list(DIAGONAL_MODES)}')
+        if self.soft_weight not in SOFT_WEIGHTS:
+            raise ValueError(f'psd.soft_weight={self.soft_weight!r} is not known; allowed: '
+                             f'{list(SOFT_WEIGHTS)}')
         if self.impl not in LOSS_IMPLS:
             raise ValueError(f'loss.impl={self.impl!r} is not known; allowed: '
                              f'{list(LOSS_IMPLS)}')

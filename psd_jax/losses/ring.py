@@ -195,6 +195,31 @@ def softmax_rows(axes: tuple[str, ...], n: int, tile: int, with_teacher: bool, s
     return rows
 
 
+def teacher_positive_probs(axes: tuple[str, ...], n: int, tile: int, same_pass: bool,
+                           remove_diagonal: bool, inv_temperature: float, precision: str,
+                           x, others, scale, positives, columns, t_x, t_others, t_scale):
+    """(b,) the teacher's probability of each row's own pair (0 where that column is not
+    valid), from one forward trip around the ring with running max and sum per row; arguments
+    as `softmax_rows`' (constants: no gradient flows through a target)."""
+    spec = _Rows(axes, n, tile, True, same_pass, remove_diagonal, inv_temperature, precision)
+    x, others, scale, t_x, t_others, t_scale = jax.lax.stop_gradient(
+        (x, others, scale, t_x, t_others, t_scale))
+
+    def visit(acc, first, views):
+        _, pos, r, valid = spec.logits(x, t_x, scale, t_scale, positives, columns, first,
+                                       *views)
+        m = jnp.maximum(acc['m'], jnp.where(valid, r, NEG).max(axis=1))
+        e = jnp.where(valid, jnp.exp(r - m[:, None]), 0.0)
+        return {'m': m, 'z': acc['z'] * jnp.exp(acc['m'] - m) + e.sum(axis=1),
+                'pos': acc['pos'] + jnp.where(pos & valid, r, 0.0).sum(axis=1),
+                'has': acc['has'] + (pos & valid).sum(axis=1)}, None
+
+    init = {k: _zeros_like_rows(x, NEG if k == 'm' else 0.0) for k in ('m', 'z', 'pos', 'has')}
+    acc, _ = ring_visit(axes, n, tile, spec.me(), (others, t_others), init, visit)
+    z = jnp.where(acc['z'] > 0, acc['z'], 1.0)
+    return jnp.where(acc['has'] > 0, jnp.exp(acc['pos'] - acc['m'] - jnp.log(z)), 0.0)
+
+
 @functools.lru_cache(maxsize=None)
 def sigmoid_rows(axes: tuple[str, ...], n: int, tile: int, precision: str = 'float32'):
     """Sum over this device's rows and all columns of log sigmoid(z_ij (s_ij + bias)), the

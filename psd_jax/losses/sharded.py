@@ -26,7 +26,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from psd_jax import sharding as shd
 from psd_jax.losses import ring
-from psd_jax.losses.config import DIAGONAL_MODES, LOSS_IMPLS, Teacher
+from psd_jax.losses.config import DIAGONAL_MODES, LOSS_IMPLS, SOFT_WEIGHTS, Teacher
 from psd_jax.losses.matmul import matmul
 from psd_jax.models.clip import logit_scale_value
 
@@ -69,6 +69,21 @@ def _teacher_probs(logits: jax.Array, valid: jax.Array, fallback: jax.Array) -> 
     e = jnp.where(valid, jnp.exp(masked - m), 0.0)
     z = jnp.sum(e, axis=1, keepdims=True)
     return jnp.where(z > 0, e / jnp.where(z > 0, z, 1.0), fallback)
+
+
+def _positive_probs(x, others, scale, positives, columns, t_x, t_others, t_scale, *,
+                    same_pass, remove_diagonal, inv_temperature, precision) -> jax.Array:
+    """(b,) the teacher's probability of each row's own pair over one device's b x B slab (0
+    where that column is not valid); constants: no gradient flows through a target."""
+    x, others, scale, t_x, t_others, t_scale = jax.lax.stop_gradient(
+        (x, others, scale, t_x, t_others, t_scale))
+    logits = (_slab(x, others, scale * inv_temperature, precision) if same_pass
+              else _slab(t_x, t_others, t_scale * inv_temperature, precision))
+    valid = jnp.broadcast_to(columns[None, :], logits.shape)
+    if remove_diagonal:
+        valid = valid & (jnp.arange(logits.shape[1])[None, :] != positives[:, None])
+    probs = _teacher_probs(logits, valid, jnp.zeros_like(logits))
+    return jnp.take_along_axis(probs, positives[:, None], axis=1)[:, 0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,9 +151,10 @@ def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
 
 def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_columns, *,
                  axes, batch_size, with_teacher, same_pass, remove_diagonal, inv_temperature,
-                 n, tile, precision):
+                 n, tile, precision, off_diagonal=False):
     """Body run on each device: local (b, D) embeddings, replicated scalars and (B,) masks.
-    tile 0: the all_gather slabs; else the ring over the n data shards with b x tile tiles."""
+    tile 0: the all_gather slabs; else the ring over the n data shards with b x tile tiles.
+    off_diagonal: each subset row's teacher share is a times the teacher's mass off its pair."""
     b = image.shape[0]
     offset = _shard_offset(axes, b)
     positives = offset + jnp.arange(b)
@@ -150,41 +166,63 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
     if axes:  # the scale enters every device's slab: its gradient is summed over devices
         t = jax.lax.pcast(t, axes, to='varying')
     ts = logit_scale_value(t_scale)
+    static = dict(same_pass=same_pass, remove_diagonal=remove_diagonal,
+                  inv_temperature=inv_temperature, precision=precision)
+    weight_r = weight_c = weight
     if tile:  # ring: the other modality's local block circulates, teachers' included
+        if with_teacher and off_diagonal:
+            share = functools.partial(ring.teacher_positive_probs, axes, n, tile, same_pass,
+                                      remove_diagonal, inv_temperature, precision)
+            weight_r = weight * (1 - share(image, text, t, positives, t_columns, t_image,
+                                           t_text, ts))
+            weight_c = weight * (1 - share(text, image, t, positives, t_columns, t_text,
+                                           t_image, ts))
         rows = ring.softmax_rows(axes, n, tile, with_teacher, same_pass, remove_diagonal,
                                  inv_temperature, precision)
-        loss_r, hard_r, soft_r = rows(image, text, t, positives, weight, t_columns, t_image,
+        loss_r, hard_r, soft_r = rows(image, text, t, positives, weight_r, t_columns, t_image,
                                       t_text, ts)
-        loss_c, hard_c, soft_c = rows(text, image, t, positives, weight, t_columns, t_text,
+        loss_c, hard_c, soft_c = rows(text, image, t, positives, weight_c, t_columns, t_text,
                                       t_image, ts)
     else:
         teacher_text, teacher_image = t_text, t_image  # placeholders unless a teacher ran
         if with_teacher and not same_pass:
             teacher_text, teacher_image = _gather(t_text, axes), _gather(t_image, axes)
+        texts, images = _gather(text, axes), _gather(image, axes)
+        if with_teacher and off_diagonal:
+            weight_r = weight * (1 - _positive_probs(image, texts, t, positives, t_columns,
+                                                     t_image, teacher_text, ts, **static))
+            weight_c = weight * (1 - _positive_probs(text, images, t, positives, t_columns,
+                                                     t_text, teacher_image, ts, **static))
         slab_losses = _slab_losses(with_teacher, same_pass, remove_diagonal, inv_temperature,
                                    precision)
-        loss_r, hard_r, soft_r = slab_losses(image, _gather(text, axes), t, positives, weight,
+        loss_r, hard_r, soft_r = slab_losses(image, texts, t, positives, weight_r,
                                              t_columns, t_image, teacher_text, ts)
-        loss_c, hard_c, soft_c = slab_losses(text, _gather(image, axes), t, positives, weight,
+        loss_c, hard_c, soft_c = slab_losses(text, images, t, positives, weight_c,
                                              t_columns, t_text, teacher_image, ts)
     total = _psum(jnp.sum(loss_r) + jnp.sum(loss_c), axes) / (2 * batch_size)
     clip = _psum(jnp.sum(hard_r) + jnp.sum(hard_c), axes) / (2 * batch_size)
     n_subset = _psum(jnp.sum(local_subset), axes)
     distill = _psum(jnp.sum(local_subset * (soft_r + soft_c)), axes) / (
         2 * jnp.maximum(n_subset, 1.0))
-    return total, {'clip': clip, 'distill': distill, 'subset_size': n_subset}
+    soft_weight = _psum(jnp.sum(weight_r + weight_c), axes) / (2 * jnp.maximum(n_subset, 1.0))
+    return total, {'clip': clip, 'distill': distill, 'subset_size': n_subset,
+                   'soft_weight': soft_weight}
 
 
 def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
              subset: jax.Array | None = None, alpha: float | jax.Array = 0.0,
              teacher: Teacher | None = None, teacher_temperature: float | None = None,
-             teacher_diagonal: str = 'keep', impl: str = 'all_gather',
-             tile: int = 0, precision: str = 'float32') -> tuple[jax.Array, dict[str, jax.Array]]:
+             teacher_diagonal: str = 'keep', soft_weight: str = 'constant',
+             impl: str = 'all_gather', tile: int = 0,
+             precision: str = 'float32') -> tuple[jax.Array, dict[str, jax.Array]]:
     """The PSD contrastive loss; CLIP when `subset` is None.
 
     image, text: (B, D) unit-norm embeddings sharded over the data axes; logit_scale: scalar;
     subset: (B,) bool, the items whose row and column get soft targets; alpha: the mixing weight
-    a; teacher: None for the same pass, else a `Teacher` (second pass / EMA);
+    a; teacher: None for the same pass, else a `Teacher` (second pass / EMA); soft_weight:
+    'constant' (each subset row's teacher share is a) or 'off_diagonal' (a times the teacher's
+    probability mass off the row's own pair; reported as the part `soft_weight`, the mean
+    share over the subset's rows and columns);
     teacher_temperature: relative to the student's, required with a subset (LossConfig holds
     the configured default); impl: 'all_gather' (b x B slabs per device) or 'ring' (b x tile
     tiles; tile 0: the whole per-device block); precision: of the similarity matmuls
@@ -194,6 +232,9 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     if teacher_diagonal not in DIAGONAL_MODES:
         raise ValueError(f'teacher_diagonal={teacher_diagonal!r} is not known; allowed: '
                          f'{list(DIAGONAL_MODES)}')
+    if soft_weight not in SOFT_WEIGHTS:
+        raise ValueError(f'soft_weight={soft_weight!r} is not known; allowed: '
+                         f'{list(SOFT_WEIGHTS)}')
     if subset is None:
         teacher_temperature = 1.0  # unused: no soft targets
     elif teacher_temperature is None:
@@ -224,16 +265,19 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
             *a, axes=axes, batch_size=batch_size, with_teacher=with_teacher, same_pass=same_pass,
             remove_diagonal=teacher_diagonal == 'remove',
             inv_temperature=1.0 / teacher_temperature, n=n, tile=ring_tile,
-            precision=precision),
+            precision=precision, off_diagonal=soft_weight == 'off_diagonal'),
         mesh=mesh,
         in_specs=(rows, rows, P(), P(), P(), rows, rows, P(), P()),
-        out_specs=(P(), {'clip': P(), 'distill': P(), 'subset_size': P()}))
+        out_specs=(P(), {'clip': P(), 'distill': P(), 'subset_size': P(),
+                         'soft_weight': P()}))
     loss, parts = body(image, text, jnp.asarray(logit_scale, jnp.float32), subset,
                        jnp.asarray(alpha, jnp.float32),
                        jax.lax.stop_gradient(teacher.image), jax.lax.stop_gradient(teacher.text),
                        jax.lax.stop_gradient(jnp.asarray(teacher.logit_scale, jnp.float32)),
                        teacher.column_mask)
     parts['alpha'] = jnp.asarray(alpha, jnp.float32) if with_teacher else zero
+    if not with_teacher:
+        del parts['soft_weight']
     return loss, parts
 
 
