@@ -196,6 +196,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            '0 <= read_threads <= read_ahead (0 and 0: read in the pipeline\'s thread)')
     _check(config.model.remat in REMAT_POLICIES, 'model.remat',
            f'{config.model.remat!r} is not one of {list(REMAT_POLICIES)}')
+    _check(not config.model.init_from
+           or pathlib.Path(config.model.init_from).expanduser().exists(), 'model.init_from',
+           f'{config.model.init_from!r}: no such file or folder (a .safetensors, .bin or .pt '
+           'file, or an open_clip folder)')
     _check(config.model.act in ('',) + tuple(ACTIVATIONS), 'model.act',
            f'{config.model.act!r} is not one of {["", *ACTIVATIONS]}')
     _check(config.model.attention in ATTENTION_IMPLS, 'model.attention',

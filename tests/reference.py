@@ -28,6 +28,23 @@ def _masked_softmax_rows(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+def _teacher(s, teacher, temperature, remove_diagonal):
+    """The teacher's distributions (rows: image -> captions, columns: caption -> images)."""
+    n = s.shape[0]
+    if teacher is None:
+        tl = s / temperature
+        cols = np.ones(n, bool)
+    else:
+        ut, vt, lst, cols = teacher
+        ts = float(np.exp(min(float(lst), np.log(100.0)))) / temperature
+        tl = ts * np.asarray(ut, np.float64) @ np.asarray(vt, np.float64).T
+        cols = np.asarray(cols, bool)
+    valid = np.broadcast_to(cols[None, :], (n, n)).copy()
+    if remove_diagonal:
+        valid &= ~np.eye(n, dtype=bool)
+    return _masked_softmax_rows(tl, valid), _masked_softmax_rows(tl.T, valid)
+
+
 def psd_reference(u, v, logit_scale, subset=None, alpha=0.0, teacher=None,
                   teacher_temperature=1.0, remove_diagonal=False, soft_weight='constant'):
     """Loss, parts, gradients (d/du, d/dv, d/dlogit_scale) and their magnitudes in float64.
@@ -50,19 +67,7 @@ def psd_reference(u, v, logit_scale, subset=None, alpha=0.0, teacher=None,
         subset = np.zeros(n, bool)
         alpha = 0.0
     subset = np.asarray(subset, bool)
-    if teacher is None:
-        tl = s / teacher_temperature
-        cols = np.ones(n, bool)
-    else:
-        ut, vt, lst, cols = teacher
-        ts = float(np.exp(min(float(lst), np.log(100.0)))) / teacher_temperature
-        tl = ts * np.asarray(ut, np.float64) @ np.asarray(vt, np.float64).T
-        cols = np.asarray(cols, bool)
-    valid = np.broadcast_to(cols[None, :], (n, n)).copy()
-    if remove_diagonal:
-        valid &= ~np.eye(n, dtype=bool)
-    p_teacher_rows = _masked_softmax_rows(tl, valid)       # image i -> captions
-    p_teacher_cols = _masked_softmax_rows(tl.T, valid)     # caption j -> images
+    p_teacher_rows, p_teacher_cols = _teacher(s, teacher, teacher_temperature, remove_diagonal)
     w = alpha * subset.astype(np.float64)
     w_rows = w_cols = w
     if soft_weight == 'off_diagonal':  # a times the teacher's mass off the row's own pair

@@ -228,28 +228,11 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     tiles; tile 0: the whole per-device block); precision: of the similarity matmuls
     (losses/matmul.py). Returns (scalar loss, parts).
     """
-    _check_embeddings(image, text, mesh)
-    if teacher_diagonal not in DIAGONAL_MODES:
-        raise ValueError(f'teacher_diagonal={teacher_diagonal!r} is not known; allowed: '
-                         f'{list(DIAGONAL_MODES)}')
-    if soft_weight not in SOFT_WEIGHTS:
-        raise ValueError(f'soft_weight={soft_weight!r} is not known; allowed: '
-                         f'{list(SOFT_WEIGHTS)}')
-    if subset is None:
-        teacher_temperature = 1.0  # unused: no soft targets
-    elif teacher_temperature is None:
-        raise ValueError('psd_loss: teacher_temperature is required with a subset')
-    if not teacher_temperature > 0:
-        raise ValueError(f'teacher_temperature={teacher_temperature} must be > 0')
+    teacher_temperature = _check_psd_args(image, text, mesh, subset, teacher,
+                                          teacher_temperature, teacher_diagonal, soft_weight)
     batch_size = image.shape[0]
     with_teacher = subset is not None
     same_pass = teacher is None
-    if with_teacher and subset.shape != (batch_size,):
-        raise ValueError(f'subset mask has shape {subset.shape}, expected ({batch_size},)')
-    if not same_pass:
-        for name, x in (('teacher.image', teacher.image), ('teacher.text', teacher.text)):
-            if x.shape != image.shape:
-                raise ValueError(f'{name} has shape {x.shape}, expected {image.shape}')
     axes = shd.data_axes(mesh)
     rows = shd.batch_spec(mesh)
     zero = jnp.zeros((), jnp.float32)
@@ -279,6 +262,32 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     if not with_teacher:
         del parts['soft_weight']
     return loss, parts
+
+
+def _check_psd_args(image, text, mesh, subset, teacher, teacher_temperature, teacher_diagonal,
+                    soft_weight) -> float:
+    """psd_loss's arguments checked (ValueError naming the one at fault); returns the teacher
+    temperature to use (1 when there are no soft targets)."""
+    _check_embeddings(image, text, mesh)
+    if teacher_diagonal not in DIAGONAL_MODES:
+        raise ValueError(f'teacher_diagonal={teacher_diagonal!r} is not known; allowed: '
+                         f'{list(DIAGONAL_MODES)}')
+    if soft_weight not in SOFT_WEIGHTS:
+        raise ValueError(f'soft_weight={soft_weight!r} is not known; allowed: '
+                         f'{list(SOFT_WEIGHTS)}')
+    if subset is None:
+        teacher_temperature = 1.0  # unused: no soft targets
+    elif teacher_temperature is None:
+        raise ValueError('psd_loss: teacher_temperature is required with a subset')
+    if not teacher_temperature > 0:
+        raise ValueError(f'teacher_temperature={teacher_temperature} must be > 0')
+    if subset is not None and subset.shape != (image.shape[0],):
+        raise ValueError(f'subset mask has shape {subset.shape}, expected ({image.shape[0]},)')
+    if teacher is not None:
+        for name, x in (('teacher.image', teacher.image), ('teacher.text', teacher.text)):
+            if x.shape != image.shape:
+                raise ValueError(f'{name} has shape {x.shape}, expected {image.shape}')
+    return teacher_temperature
 
 
 def _ring_tile(impl: str, tile: int, per_device: int) -> int:
