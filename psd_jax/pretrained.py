@@ -75,9 +75,10 @@ def load(path: str | pathlib.Path, act: str | None = None) -> tuple[dict, ModelS
     `act`: the activation when the files do not say (OpenAI's models: quick_gelu); when they
     do and it differs, a ValueError names both."""
     import jax
+    from flax import linen as nn
 
-    from psd_jax.models import build_model
     from psd_jax import batch as batch_lib
+    from psd_jax.models import build_model
 
     state_dict, cfg = read(path)
     said = None if cfg is None else ('quick_gelu' if cfg.get('quick_gelu') else 'gelu')
@@ -87,9 +88,8 @@ def load(path: str | pathlib.Path, act: str | None = None) -> tuple[dict, ModelS
     spec = convert.infer_spec(state_dict, said or act or 'quick_gelu', cfg)
     model = build_model(spec)
     inputs = batch_lib.input_spec(model, 1)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), inputs['image'], inputs['text'])
-    from flax import linen as nn
-    shapes = nn.meta.unbox(shapes)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs['image'],
+                                          inputs['text']))
     shapes.setdefault('batch_stats', {})
     return convert.import_state_dict(state_dict, spec, shapes), spec
 
@@ -136,10 +136,12 @@ def for_config(config: Any, path: str | None = None) -> dict:
 
 
 def _merge(fresh: Any, imported: Mapping[str, Any], where: str = '') -> Any:
-    """`fresh` (a parameter dict) with every leaf `imported` has replaced by it; leaves the
-    checkpoint cannot have (a sigmoid loss's logit_bias) keep their initial value."""
+    """`fresh` (a parameter dict of device arrays) with every leaf `imported` has replaced by
+    it, as a host numpy array; leaves the checkpoint cannot have (a sigmoid loss's logit_bias)
+    stay the fresh device arrays. Only shapes are read from `fresh`: nothing leaves the device
+    (on a pod, FSDP-sharded arrays could not be fetched whole by one host anyway)."""
     if not isinstance(fresh, Mapping):
-        if tuple(np.shape(fresh)) != tuple(np.shape(imported)):
+        if tuple(fresh.shape) != tuple(np.shape(imported)):
             raise ValueError(f'pretrained {where}: shape {np.shape(imported)}, the model has '
                              f'{np.shape(fresh)}')
         return np.asarray(imported, np.float32)
@@ -161,12 +163,15 @@ def into_state(state: Any, variables: Mapping[str, Any], shardings: Any,
 
     from psd_jax import layout
 
-    params = _merge(jax.device_get(state.params),
-                    layout.convert(variables['params'], scan_layers))
-    params = jax.device_put(params, shardings.params)
+    def place(merged, where):  # imported leaves onto their shardings; fresh ones stay
+        return jax.tree.map(lambda x, s: jax.device_put(x, s) if isinstance(x, np.ndarray)
+                            else x, merged, where)
+
+    params = place(_merge(state.params, layout.convert(variables['params'], scan_layers)),
+                   shardings.params)
     batch_stats = state.batch_stats
     if variables.get('batch_stats'):
-        batch_stats = jax.device_put(_merge(jax.device_get(state.batch_stats),
-                                            variables['batch_stats']), shardings.batch_stats)
+        batch_stats = place(_merge(state.batch_stats, variables['batch_stats']),
+                            shardings.batch_stats)
     ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
     return state.replace(params=params, batch_stats=batch_stats, ema_params=ema)

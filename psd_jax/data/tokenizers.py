@@ -15,6 +15,7 @@ import os
 import pathlib
 from typing import Iterable, Protocol, Sequence
 
+import ftfy
 import numpy as np
 
 CLIP_VOCAB_SIZE = 49408
@@ -44,8 +45,6 @@ def _byte_to_unicode() -> dict[int, str]:
 def _clean(text: str) -> str:
     """open_clip's normalisation ('lower'): ftfy's text fixing (mojibake, curly quotes,
     ligatures, full-width characters), HTML unescaped twice, whitespace collapsed, lower case."""
-    import ftfy
-
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return ' '.join(text.split()).lower()
 

@@ -71,18 +71,30 @@ def _teacher_probs(logits: jax.Array, valid: jax.Array, fallback: jax.Array) -> 
     return jnp.where(z > 0, e / jnp.where(z > 0, z, 1.0), fallback)
 
 
+def _teacher_rows(s, positives, columns, t_x, t_others, t_scale, fallback, *, same_pass,
+                  remove_diagonal, inv_temperature, precision) -> jax.Array:
+    """The teacher's distribution over one device's b x B slab: a softmax of its logits (the
+    student's `s` / T for the same pass, else its own slab) over the valid columns; rows with
+    none take `fallback`."""
+    valid = jnp.broadcast_to(columns[None, :], fallback.shape)
+    if remove_diagonal:
+        valid = valid & (jnp.arange(fallback.shape[1])[None, :] != positives[:, None])
+    logits = (s * inv_temperature if same_pass
+              else _slab(t_x, t_others, t_scale * inv_temperature, precision))
+    return _teacher_probs(logits, valid, fallback)
+
+
 def _positive_probs(x, others, scale, positives, columns, t_x, t_others, t_scale, *,
                     same_pass, remove_diagonal, inv_temperature, precision) -> jax.Array:
     """(b,) the teacher's probability of each row's own pair over one device's b x B slab (0
     where that column is not valid); constants: no gradient flows through a target."""
     x, others, scale, t_x, t_others, t_scale = jax.lax.stop_gradient(
         (x, others, scale, t_x, t_others, t_scale))
-    logits = (_slab(x, others, scale * inv_temperature, precision) if same_pass
-              else _slab(t_x, t_others, t_scale * inv_temperature, precision))
-    valid = jnp.broadcast_to(columns[None, :], logits.shape)
-    if remove_diagonal:
-        valid = valid & (jnp.arange(logits.shape[1])[None, :] != positives[:, None])
-    probs = _teacher_probs(logits, valid, jnp.zeros_like(logits))
+    s = _slab(x, others, scale, precision) if same_pass else None
+    zeros = jnp.zeros((x.shape[0], others.shape[0]), jnp.float32)
+    probs = _teacher_rows(s, positives, columns, t_x, t_others, t_scale, zeros,
+                          same_pass=same_pass, remove_diagonal=remove_diagonal,
+                          inv_temperature=inv_temperature, precision=precision)
     return jnp.take_along_axis(probs, positives[:, None], axis=1)[:, 0]
 
 
@@ -101,13 +113,10 @@ def _slab_losses(with_teacher: bool, same_pass: bool, remove_diagonal: bool,
     """
 
     def teacher(s, positives, columns, t_x, t_others, t_scale):
-        valid = jnp.broadcast_to(columns[None, :], s.shape)
-        if remove_diagonal:
-            valid = valid & (jnp.arange(s.shape[1])[None, :] != positives[:, None])
-        logits = (s * inv_temperature if same_pass
-                  else _slab(t_x, t_others, t_scale * inv_temperature, precision))
         onehot = jax.nn.one_hot(positives, s.shape[1], dtype=s.dtype)
-        return _teacher_probs(logits, valid, onehot)
+        return _teacher_rows(s, positives, columns, t_x, t_others, t_scale, onehot,
+                             same_pass=same_pass, remove_diagonal=remove_diagonal,
+                             inv_temperature=inv_temperature, precision=precision)
 
     def forward(x, others, scale, positives, weight, columns, t_x, t_others, t_scale):
         s = _slab(x, others, scale, precision)

@@ -121,6 +121,15 @@ def _count(state_dict: Mapping[str, Any], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _heads(tower: str, width: int, head_width: int) -> int:
+    """width / head_width, refused by name when the width does not split into such heads."""
+    if width % head_width or width < head_width:
+        raise ValueError(f'cannot tell the {tower} tower\'s attention heads: width {width} is '
+                         f'not a multiple of {head_width}; put its open_clip_config.json (which '
+                         'names them) beside the weights')
+    return width // head_width
+
+
 def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
                model_cfg: Mapping[str, Any] | None = None) -> ModelSpec:
     """The architecture of a CLIP state dict, read off its tensors' shapes; the head counts
@@ -135,25 +144,16 @@ def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
             raise ValueError(f'not a CLIP state dict: no {key!r} (has e.g. '
                              f'{sorted(state_dict)[:5]})')
     vocab, text_width = shape('token_embedding.weight')
-    for what, width, per_head in (('text', text_width, text_cfg.get('heads') and text_width //
-                                   text_cfg['heads'] or HEAD_WIDTH),):
-        if width % per_head or width < per_head:
-            raise ValueError(f'cannot tell the {what} tower\'s attention heads: width {width} is '
-                             f'not a multiple of {per_head}; put its open_clip_config.json '
-                             '(which names them) beside the weights')
     text = dict(vocab_size=vocab, text_width=text_width,
-                text_heads=text_cfg.get('heads') or text_width // HEAD_WIDTH,
+                text_heads=text_cfg.get('heads') or _heads('text', text_width, HEAD_WIDTH),
                 context_length=shape('positional_embedding')[0],
                 text_depth=_count(state_dict, r'transformer\.resblocks\.(\d+)\.'),
                 embed_dim=shape('text_projection')[1], act=act)
     if 'visual.class_embedding' in state_dict:
         width, _, patch, _ = shape('visual.conv1.weight')
-        if width % head_width or width < head_width:
-            raise ValueError(f'cannot tell the image tower\'s attention heads: width {width} is '
-                             f'not a multiple of {head_width}; put its open_clip_config.json '
-                             '(which names them) beside the weights')
         grid = math.isqrt(shape('visual.positional_embedding')[0] - 1)
-        image = dict(kind='vit', patch_size=patch, width=width, heads=width // head_width,
+        image = dict(kind='vit', patch_size=patch, width=width,
+                     heads=_heads('image', width, head_width),
                      depth=_count(state_dict, r'visual\.transformer\.resblocks\.(\d+)\.'))
         return ModelSpec(image_size=grid * patch, image=image, **text)
     if 'visual.layer1.0.conv1.weight' in state_dict:
