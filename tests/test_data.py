@@ -8,6 +8,7 @@ need it skip with that command as the reason when it is absent.
 from __future__ import annotations
 
 import gzip
+import logging
 import pathlib
 
 import numpy as np
@@ -28,6 +29,11 @@ needs_fashion_mnist = pytest.mark.skipif(
 needs_emoji = pytest.mark.skipif(
     not (SOURCES / '.complete').exists(),
     reason=f'emoji sources absent at {SOURCES}: run `python -m psd_jax.data.fetch emoji`')
+OPENMOJI = fetch.cache_dir() / 'openmoji_sources'
+needs_openmoji = pytest.mark.skipif(
+    not (OPENMOJI / '.complete').exists() or not (SOURCES / '.complete').exists(),
+    reason=f'emoji or OpenMoji sources absent ({SOURCES}, {OPENMOJI}): run '
+           '`python -m psd_jax.data.fetch emoji openmoji`')
 
 
 @pytest.fixture(scope='module')
@@ -86,6 +92,39 @@ def test_emoji_dataset_has_both_styles_with_names_and_groups(emoji_dir):
         datasets.data_source('emoji', 'google', '/nonexistent')
     names = datasets.prepare('emoji').info.features['label'].names
     assert list(classnames.EMOJI_GROUPS) == names  # zero-shot names follow the label order
+
+
+@needs_openmoji
+def test_emoji_styles_gives_each_name_two_training_artists_and_a_held_out_third(emoji_dir):
+    builder = datasets.prepare('emoji_styles')
+    assert builder.info.features['label'].names == list(classnames.EMOJI_GROUPS)
+    train = datasets.data_source('emoji_styles', 'train', builder.data_dir_root)
+    held = datasets.data_source('emoji_styles', 'openmoji', builder.data_dir_root)
+    emoji = {r['key'].decode().split('/')[1]: r for r in source(emoji_dir, 'google')}
+    by_key = {r['key'].decode(): r for r in train}
+    assert len(held) == len(emoji) == 1911 and len(by_key) == len(train) == 2 * len(held)
+    for i in range(0, len(held), 13):  # every held-out name has both training drawings
+        drawn = held[i]
+        hexcode = drawn['key'].decode().removeprefix('openmoji/')
+        google, twitter = by_key[f'google/{hexcode}'], by_key[f'twitter/{hexcode}']
+        assert drawn['caption'] == google['caption'] == twitter['caption'] == (
+            emoji[hexcode]['caption'])
+        assert drawn['label'] == google['label'] == emoji[hexcode]['label']
+        assert (google['image'] == emoji[hexcode]['image']).all()
+        image = drawn['image'].astype(np.float32)  # rendered from SVG: a drawing on white,
+        assert drawn['image'].shape == (64, 64, 3) and image.std() > 20  # not the others'
+        assert (image[0, 0] == 255).all() and np.abs(image - google['image']).mean() > 10
+
+
+def test_the_opencv_advice_is_dropped_and_other_warnings_kept():
+    advice = pipeline.NoOpenCvAdvice()
+    record = logging.LogRecord('absl', logging.WARNING, 'x.py', 1, 'OpenCV is not installed. '
+                               'We recommend using OpenCV', None, None)
+    assert not advice.filter(record)
+    record.msg = 'split train: skipped 3 records'
+    assert advice.filter(record)
+    assert any(isinstance(f, pipeline.NoOpenCvAdvice)
+               for f in logging.getLogger('absl').filters)
 
 
 @needs_emoji
@@ -262,6 +301,8 @@ def test_fetch_without_npm_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch.shutil, 'which', lambda name: None)
     with pytest.raises(RuntimeError, match=r'npm was not found.*npm pack emoji-datasource-google'):
         fetch.emoji_sources(tmp_path)
+    with pytest.raises(RuntimeError, match=r'npm was not found.*npm pack openmoji@17'):
+        fetch.openmoji_sources(tmp_path)
 
 
 def test_carried_slots_repeat_the_previous_batch(seed):

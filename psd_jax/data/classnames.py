@@ -84,6 +84,7 @@ TEMPLATES = {
     'fashion_mnist_local': ('a photo of a {}.', 'a grey photo of a {}.',
                             'a low resolution photo of a {}.', 'a product photo of a {}.'),
     'emoji': ('an emoji of a {}.', 'a {} emoji.', 'an icon of a {}.', 'a cartoon {}.'),
+    'emoji_styles': ('an emoji of a {}.', 'a {} emoji.', 'an icon of a {}.', 'a cartoon {}.'),
     **{name: IMAGENET_TEMPLATES for name in IMAGENET_SETS},
 }
 
@@ -92,6 +93,7 @@ CLASS_NAMES = {
     'cifar100': CIFAR100,
     'fashion_mnist_local': FASHION_MNIST,
     'emoji': tuple(EMOJI_GROUPS.values()),
+    'emoji_styles': tuple(EMOJI_GROUPS.values()),
 }
 
 

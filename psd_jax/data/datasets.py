@@ -1,6 +1,6 @@
 """The project's datasets by name: prepare them (once) to ArrayRecord and open data sources.
 
-    python -m psd_jax.data.datasets emoji fashion_mnist_local   # prepare into the cache
+    python -m psd_jax.data.datasets emoji emoji_styles fashion_mnist_local   # into the cache
     python -m psd_jax.data.datasets image_text_shards --path /data/mine --config mine
 
 Prepared data lives in `<data_dir>` (default `$PSD_JAX_CACHE/tfds`). Reading goes through
@@ -19,10 +19,12 @@ from absl import logging
 
 from psd_jax.data import builders, fetch
 from psd_jax.data.emoji import Emoji
+from psd_jax.data.emoji_styles import EmojiStyles
 from psd_jax.data.fashion_mnist import FashionMnistConfig, FashionMnistLocal
 
 BUILDERS = {
     'emoji': Emoji,
+    'emoji_styles': EmojiStyles,
     'fashion_mnist_local': FashionMnistLocal,
     'image_text_shards': builders.ImageTextShards,
     'image_folder_classification': builders.ImageFolderClassification,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,19 @@ from psd_jax.models.clip import CLIP_MEAN as _MEAN, CLIP_STD as _STD
 
 CLIP_MEAN = np.array(_MEAN, np.float32)
 CLIP_STD = np.array(_STD, np.float32)
+
+
+class NoOpenCvAdvice(logging.Filter):
+    """Drops tfds's 'OpenCV is not installed' warning: images are decoded by PIL in the input
+    workers, which keep up with the step, so the console need not advise a faster decoder."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('OpenCV is not installed')
+
+
+_absl_logger = logging.getLogger('absl')  # in this process and in every input worker, which
+if not any(isinstance(f, NoOpenCvAdvice) for f in _absl_logger.filters):  # imports this module
+    _absl_logger.addFilter(NoOpenCvAdvice())
 
 
 def _as_text(x: Any) -> str:
