@@ -42,6 +42,13 @@ VARIANTS = {
     'alpha_cosine': {'loss.alpha_schedule': 'cosine'},
     'alpha_constant': {'loss.alpha_schedule': 'constant'},
 }
+# the selection protocol's candidates beside the sweep's choice (psd_ema temp_x2): soft targets
+# weighted by the teacher's off-diagonal evidence, distilling from half-way, a sharper teacher
+CANDIDATES = {
+    'offdiag_x2': {'loss.psd.teacher_temperature': 2.0, 'loss.psd.soft_weight': 'off_diagonal'},
+    'late_x2': {'loss.psd.teacher_temperature': 2.0, 'loss.alpha_start_step': 150},
+    'temp_half': {'loss.psd.teacher_temperature': 0.5},
+}
 SHORTLIST = 3
 SCREEN_CONDITION = 'emoji_within_group_0.4'
 CONDITIONS = ('emoji_within_group_0.4', 'emoji_clean', 'emoji_shuffle_0.4',
@@ -51,9 +58,23 @@ FULL_CONDITIONS = ('emoji_clean',) + tuple(
     for rate in (0.2, 0.4)) + ('fashion_clean', 'fashion_shuffle_0.5')
 
 
+# Selection protocol: CLIP and each candidate PSD setting on every condition (three datasets,
+# clean and noisy), three seeds; a setting is scored by its worst difference to CLIP over the
+# conditions, relative to CLIP's score there (so that no dataset's scale dominates).
+PROTOCOL_CONDITIONS = ('emoji_clean', 'emoji_shuffle_0.4', 'emoji_within_group_0.4',
+                       'emoji_styles_clean', 'emoji_styles_shuffle_0.4', 'fashion_clean',
+                       'fashion_shuffle_0.5')
+PROTOCOL_SETTINGS = (('clip', 'base'), ('psd_ema', 'temp_x2'), ('psd_ema', 'offdiag_x2'),
+                     ('psd_ema', 'late_x2'), ('psd_ema', 'temp_half'))
+DATASETS = ('emoji_styles', 'emoji', 'fashion')  # longest first: prefixes of condition names
+
+
 def condition_overrides(condition: str) -> tuple[str, dict]:
     """'emoji_within_group_0.4' -> ('emoji', {caption noise overrides})."""
-    dataset, _, rest = condition.partition('_')
+    dataset = next((d for d in DATASETS if condition.startswith(d + '_')), None)
+    if dataset is None:
+        raise ValueError(f'condition {condition!r} names no dataset of {DATASETS}')
+    rest = condition[len(dataset) + 1:]
     if rest == 'clean':
         return dataset, {}
     kind, _, rate = rest.rpartition('_')
@@ -62,7 +83,7 @@ def condition_overrides(condition: str) -> tuple[str, dict]:
 
 def method_overrides(method: str, variant: str = 'base') -> dict:
     overrides = dict(METHODS[method])
-    change = VARIANTS[variant]
+    change = VARIANTS[variant] if variant in VARIANTS else CANDIDATES[variant]
     if change == 'double':
         overrides['loss.psd.teacher_temperature'] = 2 * overrides['loss.psd.teacher_temperature']
     else:
@@ -91,3 +112,11 @@ def run_name(condition: str, method: str, variant: str, seed: int) -> str:
 def score(result: dict) -> float:
     """Selection score: mean held-out R@1 of both directions (emoji)."""
     return 0.5 * (result['eval/retrieval/i2t_R@1'] + result['eval/retrieval/t2i_R@1'])
+
+
+def protocol_score(condition: str, result: dict) -> float:
+    """A condition's primary metric: held-out retrieval (score) where captions are
+    retrievable; zero-shot top-1 on Fashion-MNIST, whose captions are ten templates."""
+    if condition.startswith('fashion'):
+        return result['eval/zero_shot/top1']
+    return score(result)

@@ -2,6 +2,8 @@
 
     python -m experiments.psd_vs_clip run [--root ~/.cache/psd_jax/experiments/psd_vs_clip]
     python -m experiments.psd_vs_clip check RUN [RUN ...]   # rerun finished runs from scratch
+    python -m experiments.psd_vs_clip protocol [--jobs 2]   # the selection protocol's runs
+    python -m experiments.protocol   # docs/results/protocol.md: the settings ranked
     python -m experiments.report      # docs/results/psd_vs_clip.md + PNGs from the runs
 
 (from the repository root). What is compared lives in experiments/plan.py.
@@ -25,6 +27,10 @@ Stages (each decides from the finished runs of the one before):
   confirm  seeds 0-2: CLIP and the chosen PSD setting on every condition in CONDITIONS (with
            --full: FULL_CONDITIONS, the whole grid of noise kinds and rates).
 Selection score: held-out retrieval, the mean of image->text and text->image R@1 (emoji).
+
+protocol   seeds 0-2: CLIP and every PROTOCOL_SETTINGS candidate on every PROTOCOL_CONDITIONS
+           condition (emoji, emoji_styles and Fashion-MNIST, clean and noisy); the report
+           (experiments.protocol) ranks the candidates by their worst difference to CLIP.
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ import pathlib
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from experiments.plan import (CONDITIONS, CONFIG, DEFAULT_ROOT, FULL_CONDITIONS, METHODS, ROOT,
-                              SCREEN_CONDITION, SEEDS, SHORTLIST, VARIANTS, condition_overrides,
-                              method_overrides, run_name, score, valid)
+from experiments.plan import (CONDITIONS, CONFIG, DEFAULT_ROOT, FULL_CONDITIONS, METHODS,
+                              PROTOCOL_CONDITIONS, PROTOCOL_SETTINGS, ROOT, SCREEN_CONDITION,
+                              SEEDS, SHORTLIST, VARIANTS, condition_overrides, method_overrides,
+                              run_name, score, valid)
 
 
 def run_one(root: pathlib.Path, condition: str, method: str, variant: str, seed: int) -> dict:
@@ -95,6 +103,16 @@ def sweep(root: pathlib.Path, full: bool) -> None:
                 run_one(root, condition, m, v, seed)
 
 
+def protocol(root: pathlib.Path, jobs: int = 1) -> None:
+    """Every (seed, condition, setting) run of the selection protocol, `jobs` at a time (each
+    run is its own process and workdir, so the results do not depend on `jobs`)."""
+    todo = [(c, m, v, s) for s in SEEDS for c in PROTOCOL_CONDITIONS
+            for m, v in PROTOCOL_SETTINGS]
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for _ in pool.map(lambda run: run_one(root, *run), todo):
+            pass
+
+
 def check(root: pathlib.Path, names: list[str]) -> list[dict]:
     """Rerun finished runs (names like 'emoji_clean/clip-base/seed0') from an empty workdir and
     compare every eval/ metric with the stored result; appends to root/reproduced.json."""
@@ -123,15 +141,21 @@ def check(root: pathlib.Path, names: list[str]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('command', choices=('run', 'check'))
+    parser.add_argument('command', choices=('run', 'check', 'protocol'))
     parser.add_argument('runs', nargs='*', help="check: runs to redo, e.g. "
                         "'emoji_clean/clip-base/seed0'")
     parser.add_argument('--root', type=pathlib.Path, default=DEFAULT_ROOT,
                         help='where the runs live (outside the repository)')
     parser.add_argument('--full', action='store_true', help='confirm on FULL_CONDITIONS')
+    parser.add_argument('--jobs', type=int, default=1, help='protocol: runs at a time')
     args = parser.parse_args()
     if args.command == 'check':
         check(args.root, args.runs)
+    elif args.command == 'protocol':
+        start = time.time()
+        protocol(args.root, args.jobs)
+        print(f'protocol finished in {(time.time() - start) / 60:.1f} min; write the report with '
+              f'python -m experiments.protocol --root {args.root}', flush=True)
     else:
         start = time.time()
         sweep(args.root, args.full)

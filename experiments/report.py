@@ -257,7 +257,7 @@ COMPARED = [
 
 
 def write_report(root: pathlib.Path, out: pathlib.Path) -> None:
-    runs = load_runs(root)
+    runs = [r for r in load_runs(root) if r['variant'] in VARIANTS]  # not the protocol's
     if not runs:
         raise FileNotFoundError(f'no finished runs under {root}; run the sweep first')
     chosen_file = root / 'chosen.json'

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import plan, psd_vs_clip, report
+from experiments import plan, protocol, psd_vs_clip, report
 
 
 def fake_run(root, condition, method, variant, seed, i2t, t2i, top1=0.2, probe=None):
@@ -71,6 +71,54 @@ def test_conditions_and_overrides():
         'data.caption_noise_kind'] == 'shuffle'
     doubled = plan.method_overrides('psd_same_pass', 'temp_x2')
     assert doubled['loss.psd.teacher_temperature'] == 4.0
+    assert plan.condition_overrides('emoji_styles_shuffle_0.4') == (
+        'emoji_styles', {'data.caption_noise': 0.4, 'data.caption_noise_kind': 'shuffle'})
+    with pytest.raises(ValueError, match="'imagenet_clean' names no dataset"):
+        plan.condition_overrides('imagenet_clean')
+    late = plan.method_overrides('psd_ema', 'late_x2')
+    assert late['loss.alpha_start_step'] == 150 and late['loss.psd.teacher_temperature'] == 2.0
+    assert all(plan.valid(*setting) for setting in plan.PROTOCOL_SETTINGS)
+
+
+def test_protocol_ranks_settings_by_their_worst_relative_difference(tmp_path, rng):
+    """Fake protocol runs: 'temp_x2' gains on every condition but loses 20% of CLIP's score on
+    one; 'offdiag_x2' loses at most 5% anywhere: it ranks first. The paired interval and the
+    relative difference match a hand computation."""
+    clip_r1 = {c: rng.uniform(0.1, 0.3) for c in plan.PROTOCOL_CONDITIONS}
+    change = {'temp_x2': {c: 1.1 for c in plan.PROTOCOL_CONDITIONS},
+              'offdiag_x2': {c: 0.95 if 'clean' in c else 1.02
+                             for c in plan.PROTOCOL_CONDITIONS}}
+    change['temp_x2']['emoji_styles_clean'] = 0.8
+    noise = {}
+    for condition in plan.PROTOCOL_CONDITIONS:
+        for seed in plan.SEEDS:
+            base = clip_r1[condition] + 0.01 * seed
+            fake_run(tmp_path, condition, 'clip', 'base', seed, base, base, top1=base,
+                     probe=0.5)
+            for variant in change:
+                noise[condition, variant, seed] = rng.normal(0, 0.002)
+                r1 = base * change[variant][condition] + noise[condition, variant, seed]
+                fake_run(tmp_path, condition, 'psd_ema', variant, seed, r1, r1, top1=r1,
+                         probe=0.5)
+    summary = protocol.write(tmp_path, tmp_path / 'out')
+    text = (tmp_path / 'out' / 'protocol.md').read_text()
+    ranking = [line.split(' |')[0][2:] for line in text.splitlines()
+               if line.startswith('| psd_ema-')][:2]
+    assert ranking == ['psd_ema-offdiag_x2', 'psd_ema-temp_x2'], text
+    worst = summary['psd_ema-temp_x2']
+    assert worst['worst_condition'] == 'emoji_styles_clean'
+    condition = 'emoji_styles_clean'
+    diffs = [(clip_r1[condition] + 0.01 * s) * -0.2 + noise[condition, 'temp_x2', s]
+             for s in plan.SEEDS]
+    clip_mean = np.mean([clip_r1[condition] + 0.01 * s for s in plan.SEEDS])
+    assert worst['worst_relative'] == pytest.approx(np.mean(diffs) / clip_mean, rel=1e-9)
+    row = worst['conditions'][condition]
+    half = 4.303 * np.std(diffs, ddof=1) / math.sqrt(3)
+    assert (row['low'], row['high']) == pytest.approx((np.mean(diffs) - half,
+                                                       np.mean(diffs) + half), rel=1e-9)
+    assert not worst['clean_not_below'] and worst['intervals_below'] >= 1
+    saved = json.loads((tmp_path / 'out' / 'protocol.json').read_text())
+    assert len(saved['runs']) == 3 * len(plan.PROTOCOL_CONDITIONS) * 3
 
 
 def test_sweep_screens_grids_shortlists_then_confirms(tmp_path, monkeypatch, rng):
