@@ -4,9 +4,9 @@
 
 base_config()'s tiny ViT (32 px, patch 8) and text transformer with CLIP's BPE, trained on the
 1,911 Google emoji with their English names as captions, with base_config()'s PSD setting (the
-one the project's PSD-vs-CLIP sweep chose, docs/results/psd_vs_clip.md: an EMA teacher,
+one the project's selection protocol chose, docs/results/protocol.md: an EMA teacher,
 momentum 0.99, at twice the student's temperature on half of each batch, a ramped linearly to
-0.5). Ends with image <-> caption retrieval on the 1,911 Twitter-style emoji (held out): about
+0.5 and weighted per row by the teacher's mass off the given pair). Ends with image <-> caption retrieval on the 1,911 Twitter-style emoji (held out): about
 2 minutes on a 2-core CPU; see the README for the numbers it reaches. Zero-shot classification
 of the held-out emoji into their 10 groups is reported too.
 """

@@ -48,15 +48,16 @@ class LossConfig:
     allow_degenerate: accept teacher='same_pass' with temperature 1 and the diagonal kept, which
       is CLIP with its gradient scaled by (1 - a) (only for tests and ablations).
     """
-    # The defaults are the setting the PSD-vs-CLIP sweep chose (docs/results/psd_vs_clip.md);
-    # config.base_config() reads them from here.
+    # The defaults are the setting the selection protocol chose (docs/results/protocol.md: the
+    # sweep's EMA teacher at twice the student's temperature, with the teacher's share of each
+    # row weighted by its off-diagonal mass); config.base_config() reads them from here.
     kind: str = 'psd'
     subset_fraction: float = 0.5
     teacher: str = 'ema'
     teacher_temperature: float = 2.0
     teacher_diagonal: str = 'keep'
     ema_momentum: float = 0.99
-    soft_weight: str = 'constant'
+    soft_weight: str = 'off_diagonal'
     allow_degenerate: bool = False
     impl: str = 'all_gather'
     tile: int = 0
