@@ -85,8 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.loss.kind = 'psd'  # clip | psd | sigmoid
     # The PSD setting the selection protocol chose (docs/results/protocol.md): an EMA teacher
     # (momentum 0.99) at twice the student's temperature on half of each batch, a ramped
-    # linearly to 0.5, each row's share a weighted by the teacher's off-diagonal mass. The psd keys, their defaults and allowed values are
-    # losses.LossConfig's (teacher: same_pass | second_pass | ema | bank | previous_step).
+    # linearly to 0.5, each row's share a weighted by the teacher's off-diagonal mass.
+    # The psd keys, their defaults and allowed values are losses.LossConfig's (teacher:
+    # same_pass | second_pass | ema | bank | previous_step).
     config.loss.psd = C(loss_defaults())
     # all_gather: b x B slabs per device; ring: b x tile tiles (very large global batches)
     config.loss.impl = 'all_gather'

@@ -28,6 +28,7 @@ PARAMETERS = {
     'clip_cc3m_vitb32': 151_277_313,
     'demo': TINY,
     'experiments/psd_vs_clip:emoji': TINY,
+    'experiments/psd_vs_clip:emoji_styles': TINY,
     'experiments/psd_vs_clip:fashion': TINY,
     'psd_cc12m_vitb16': 149_620_737,
     'psd_cc3m_vitb32': 151_277_313,

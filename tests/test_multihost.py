@@ -44,6 +44,34 @@ def four_cpu_devices():
                                              '--xla_backend_optimization_level=0'))
 
 
+def test_two_processes_train_resume_and_evaluate_across_hosts(tmp_path):
+    workdir = tmp_path / 'mh'
+    first = launch(workdir, 2)
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = launch(workdir, 4)
+    assert second.returncode == 0, second.stderr[-4000:]
+    for i in (0, 1):
+        log = (workdir / 'logs' / f'process_{i}.log').read_text()
+        assert 'resumed from step 2' in log, f'process {i} did not resume'
+    steps = [json.loads(line)['step'] for line in
+             (workdir / 'metrics.jsonl').read_text().splitlines()
+             if 'loss' in json.loads(line)]
+    assert steps == [2, 4], steps  # one writer: process 0 alone logs each step once
+    in_loop = json.loads((workdir / 'final_metrics.json').read_text())
+
+    single = subprocess.run(
+        [sys.executable, '-m', 'psd_jax.evaluate', f'--config={CONFIG}', f'--workdir={workdir}',
+         EVALUATORS], env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    report = json.loads((workdir / 'eval_step_4.json').read_text())
+    keys = [k for k in in_loop if k.startswith('eval/')]
+    assert len(keys) >= 10
+    for key in keys:  # the same embeddings up to float rounding, which can flip near-ties:
+        # recalls within 2e-3 (4 of 1,911 queries), mean / median ranks within 1%
+        tolerance = {'rel': 1e-2} if 'rank' in key else {'abs': 2e-3}
+        assert report[key] == pytest.approx(in_loop[key], **tolerance), key
+
+
 # The default pipeline gives every host its slice of the same global batches, with augmentations
 # keyed by global position, and the PSD subset comes from the step's RNG: so 2 hosts x 2 devices
 # must train exactly what 1 host x 4 devices trains (PSD, random crops, shuffled 1,911 pairs),
@@ -52,58 +80,29 @@ SAME_DATA = ('--config.data.crop_scale=(0.5,1.0)',)
 PARAM_ATOL = 1e-5  # learning rate 1e-3; all-reduces over gloo sum in another order
 
 
-def one_host(workdir, *args):
-    """psd_jax.main or (args[0] == 'evaluate') psd_jax.evaluate on 1 process x 4 devices."""
-    module, args = (('psd_jax.evaluate', args[1:]) if args[:1] == ('evaluate',)
-                    else ('psd_jax.main', args))
-    return subprocess.run(
-        [sys.executable, '-m', module, f'--config={CONFIG}', f'--workdir={workdir}', *args],
-        env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
-
-
-def test_two_hosts_train_resume_evaluate_and_match_one_host(tmp_path, devices):
-    """2 processes x 2 devices train 2 steps, stop, resume and train step 3 (metrics written by
-    process 0 alone), then evaluate with each host embedding its shard. The parameters equal
-    those of 1 process x 4 devices training the same 3 steps, and of the 2-host step-2
-    checkpoint resumed on 1 host; a one-process evaluation of the 2-host checkpoint gives the
-    2-host evaluation's numbers."""
+def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
     import jax
     import numpy as np
 
     from psd_jax import checkpointing, config as config_lib, sharding, step
 
-    multi = tmp_path / 'multi'
-    first = launch(multi, 2, *SAME_DATA, evaluators='--config.eval.evaluators=()')
-    assert first.returncode == 0, first.stderr[-4000:]
-    second = launch(multi, 3, *SAME_DATA)
-    assert second.returncode == 0, second.stderr[-4000:]
-    for i in (0, 1):
-        log = (multi / 'logs' / f'process_{i}.log').read_text()
-        assert 'resumed from step 2' in log, f'process {i} did not resume'
-    steps = [json.loads(line)['step'] for line in
-             (multi / 'metrics.jsonl').read_text().splitlines() if 'loss' in json.loads(line)]
-    assert steps == [2, 3], steps  # one writer: process 0 alone logs each step once
-    in_loop = json.loads((multi / 'final_metrics.json').read_text())
+    multi = launch(tmp_path / 'multi', 3, *SAME_DATA, evaluators='--config.eval.evaluators=()')
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    def one_host(workdir):  # 3 steps on 1 process x 4 devices
+        return subprocess.run(
+            [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}', f'--workdir={workdir}',
+             '--config.train.steps=3', '--config.eval.evaluators=()',
+             '--config.metrics.tensorboard=False', *SAME_DATA],
+            env=four_cpu_devices(), capture_output=True, text=True, timeout=300)
 
-    evaluated = one_host(multi, 'evaluate', EVALUATORS)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    report = json.loads((multi / 'eval_step_3.json').read_text())
-    keys = [k for k in in_loop if k.startswith('eval/')]
-    assert len(keys) >= 10
-    for key in keys:  # the same embeddings up to float rounding, which can flip near-ties:
-        # recalls within 2e-3 (4 of 1,911 queries), mean / median ranks within 1%
-        tolerance = {'rel': 1e-2} if 'rank' in key else {'abs': 2e-3}
-        assert report[key] == pytest.approx(in_loop[key], **tolerance), key
-
-    quiet = ('--config.train.steps=3', '--config.eval.evaluators=()',
-             '--config.metrics.tensorboard=False', *SAME_DATA)
-    single = one_host(tmp_path / 'single', *quiet)
+    single = one_host(tmp_path / 'single')
     assert single.returncode == 0, single.stderr[-4000:]
+
     # resume the 2-host run from its step-2 checkpoint on 1 host: the data continues at global
     # batch 2 of the same order, so step 3 is the step the others took
-    shutil.copytree(multi, tmp_path / 'resumed')
+    shutil.copytree(tmp_path / 'multi', tmp_path / 'resumed')
     shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '3')
-    resumed = one_host(tmp_path / 'resumed', *quiet)
+    resumed = one_host(tmp_path / 'resumed')
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert 'checkpoint written by 2 hosts, resumed on 1' in resumed.stderr
 

@@ -66,7 +66,15 @@ def test_keys_added_since_a_checkpoint_pass_at_the_value_that_keeps_its_behaviou
         for part in rest[:-1]:
             node = node[part]
         del node[rest[-1]]
+        node = new[section]  # the new run asks for the behaviour the old one had
+        for part in rest[:-1]:
+            node = node[part]
+        node[rest[-1]] = resume.ADDED_KEYS[key]
     assert resume.check_resume(saved, new, 4, '/w') == {}
+    new['loss']['psd']['soft_weight'] = 'off_diagonal'  # today's default, not the old run's
+    with pytest.raises(ValueError, match=r"soft_weight: '<absent>' -> 'off_diagonal'"):
+        resume.check_resume(saved, new, 4, '/w')
+    new['loss']['psd']['soft_weight'] = 'constant'
     new['model']['act'] = 'gelu'
     with pytest.raises(ValueError, match=r"config.model.act: '<absent>' -> 'gelu'"):
         resume.check_resume(saved, new, 4, '/w')

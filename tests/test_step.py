@@ -258,7 +258,8 @@ def test_bank_teacher_distils_from_each_pairs_last_visit(devices, seed):
     bank has seen), with the student's current scale. Checked against psd_loss given the same
     teacher explicitly, on 8 devices."""
     n_pairs = 40
-    loss = losses.LossConfig(teacher='bank', subset_fraction=0.5, teacher_temperature=1.0)
+    loss = losses.LossConfig(teacher='bank', subset_fraction=0.5, teacher_temperature=1.0,
+                             soft_weight='constant')
     mesh = sharding.make_mesh({'data': 8}, devices)
     setup = dataclasses.replace(make_setup('tiny', loss, mesh), bank_size=n_pairs)
     with pytest.raises(ValueError, match='bank_size'):
@@ -304,7 +305,7 @@ def test_previous_step_teacher_distils_among_the_repeated_pairs(devices, seed):
     parameters); step 3's carried slots do not match the kept indices, so it is plain CLIP."""
     k = B // 4
     loss = losses.LossConfig(teacher='previous_step', subset_fraction=0.25,
-                             teacher_temperature=1.0)
+                             teacher_temperature=1.0, soft_weight='constant')
     mesh = sharding.make_mesh({'data': 8}, devices)
     setup = make_setup('tiny', loss, mesh)
     assert setup.carried == k
