@@ -20,24 +20,11 @@ import statistics
 
 from experiments.plan import (DEFAULT_ROOT, PROTOCOL_CONDITIONS, PROTOCOL_SETTINGS, ROOT,
                               protocol_score, score)
-from experiments.report import T_975, load_runs, reproduced_lines
+from experiments.report import load_runs, paired, reproduced_lines
 
 SECONDARY = {'emoji': (('R@1 (mean of both)', score),
                        ('zero-shot top-1 (groups)', 'eval/zero_shot/top1')),
              'fashion': (('linear probe', 'eval/linear_probe/accuracy'),)}
-
-
-def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
-    """(mean, low, high, n) of the per-seed differences a - b with a 95% t interval (n >= 2;
-    with one seed the interval is the point)."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return math.nan, math.nan, math.nan, 0
-    diffs = [a[s] - b[s] for s in seeds]
-    mean = statistics.mean(diffs)
-    half = (T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            if len(diffs) > 1 else 0.0)
-    return mean, mean - half, mean + half, len(diffs)
 
 
 def per_seed(runs: list[dict], condition: str, setting: tuple[str, str], metric=None):

@@ -58,16 +58,26 @@ def mean_std(xs: list[float]) -> str:
     return f'{100 * statistics.mean(xs):.1f} +- {100 * sd:.1f}'
 
 
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> str:
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of the per-seed differences a - b with a 95% t interval (with one
+    seed the interval is the point; nan and n = 0 with none)."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
-        return '-'
+        return math.nan, math.nan, math.nan, 0
     diffs = [a[s] - b[s] for s in seeds]
     mean = statistics.mean(diffs)
-    if len(diffs) < 2:
+    half = (T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            if len(diffs) > 1 else 0.0)
+    return mean, mean - half, mean + half, len(diffs)
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> str:
+    mean, low, high, n = paired(a, b)
+    if n == 0:
+        return '-'
+    if n < 2:
         return f'{100 * mean:+.1f} (1 seed)'
-    half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f'{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]'
+    return f'{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]'
 
 
 def screen_table(runs: list[dict], condition: str) -> list[str]:

@@ -59,6 +59,18 @@ def load_metadata(sources: pathlib.Path) -> tuple[list[dict], list[str], list[st
     return entries, groups, subgroups
 
 
+def features(groups: list[str], subgroups: list[str]) -> tfds.features.FeaturesDict:
+    """The emoji datasets' record: 64 px image, caption, key, group label and subgroup
+    (shared by `emoji` and `emoji_styles`; empty names before the sources are readable)."""
+    return tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'),
+        'caption': tfds.features.Text(),
+        'key': tfds.features.Text(),
+        'label': tfds.features.ClassLabel(names=groups or ['unknown']),
+        'subgroup': tfds.features.ClassLabel(names=subgroups or ['unknown']),
+    })
+
+
 class EmojiConfig(tfds.core.BuilderConfig):
     def __init__(self, *, keywords: bool, **kwargs):
         super().__init__(**kwargs)
@@ -87,15 +99,7 @@ class Emoji(tfds.core.GeneratorBasedBuilder):
         entries, groups, subgroups = load_metadata(self._sources()) if self._can_read() else (
             [], [], [])
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
-                                             encoding_format='png'),
-                'caption': tfds.features.Text(),
-                'key': tfds.features.Text(),
-                'label': tfds.features.ClassLabel(names=groups or ['unknown']),
-                'subgroup': tfds.features.ClassLabel(names=subgroups or ['unknown']),
-            }),
-            supervised_keys=None,
+            features=features(groups, subgroups), supervised_keys=None,
             homepage='https://www.npmjs.com/package/emoji-datasource',
             license='Artwork: Google Noto Emoji (Apache-2.0), Twitter Twemoji (CC-BY-4.0); '
                     'names: emojibase-data (MIT).')

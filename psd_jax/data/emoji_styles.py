@@ -18,7 +18,7 @@ import pathlib
 import tensorflow_datasets as tfds
 
 from psd_jax.data import fetch
-from psd_jax.data.emoji import IMAGE_SIZE, load_metadata, png_on_white
+from psd_jax.data.emoji import IMAGE_SIZE, features, load_metadata, png_on_white
 
 TRAIN_STYLES = ('google', 'twitter')
 
@@ -78,15 +78,7 @@ class EmojiStyles(tfds.core.GeneratorBasedBuilder):
         except RuntimeError:  # sources not fetchable here: the info of a prepared copy is read
             groups, subgroups = [], []
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
-                                             encoding_format='png'),
-                'caption': tfds.features.Text(),
-                'key': tfds.features.Text(),
-                'label': tfds.features.ClassLabel(names=groups or ['unknown']),
-                'subgroup': tfds.features.ClassLabel(names=subgroups or ['unknown']),
-            }),
-            supervised_keys=None,
+            features=features(groups, subgroups), supervised_keys=None,
             homepage='https://openmoji.org',
             license='Artwork: Google Noto Emoji (Apache-2.0), Twitter Twemoji (CC-BY-4.0), '
                     'OpenMoji (CC BY-SA 4.0); names: emojibase-data (MIT).')
