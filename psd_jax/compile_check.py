@@ -15,8 +15,11 @@ HBM limit, so only the numbers are reported).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -61,17 +64,36 @@ def topology_name(name: str) -> str:
     return f'{kind}:{shapes[chips]}'
 
 
+@contextlib.contextmanager
+def _stderr_into(held):
+    """libtpu, loaded off a TPU host, writes warnings about the host it cannot find (accelerator
+    type, worker hostnames) to file descriptor 2: send them to `held`, a file the caller shows
+    only when loading fails, where they may explain why."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def devices_for(topology: str | None, cpu_devices: int) -> tuple[list, str, float | None]:
     """(devices, a label, HBM GiB per device or None)."""
     import jax
     if topology is None:
         devices = jax.devices()[:cpu_devices]
         return devices, f'{len(devices)} x {devices[0].device_kind} (stand-in: no TPU)', None
+    held = tempfile.TemporaryFile(mode='w+')
     try:
         from jax.experimental import topologies
-        desc = topologies.get_topology_desc(platform='tpu',
-                                            topology_name=topology_name(topology))
+        with _stderr_into(held):
+            desc = topologies.get_topology_desc(platform='tpu',
+                                                topology_name=topology_name(topology))
     except (ImportError, RuntimeError) as e:
+        held.seek(0)
+        sys.stderr.write(held.read())
         raise ValueError(f'--topology={topology!r} needs libtpu (pip install -e \'.[aot]\'): '
                          f'{str(e).splitlines()[0][:200]}') from e
     devices = list(desc.devices)
