@@ -111,13 +111,16 @@ def fit_rows(name: str, args, result: dict, save) -> None:
         print(f'{name} on {label}, {lever}:', flush=True)
         start = time.perf_counter()
         own = compile_check.compile_for(config, devices, config.data.global_batch, 0)
+        tries = []  # every candidate of the search: its size, or the compiler's refusal
         best = None if args.own_only else compile_check.largest_batch(
             config, devices, hbm, 0, args.start_batch or config.data.global_batch,
-            args.precision)
+            args.precision, on_try=lambda numbers: tries.append(
+                {k: numbers.get(k) for k in ('global_batch', 'total_gib', 'temp_gib',
+                                             'compile_s', 'error')}))
         row = {'config': name, 'topology': label, 'hbm_gib': hbm, 'lever': lever,
                'overrides': overrides, 'own_batch': config.data.global_batch,
                'own_total_gib': own.get('total_gib'), 'own_fits': own['fits'] is not False
-               and own['total_gib'] <= hbm, 'largest_batch': best,
+               and own['total_gib'] <= hbm, 'largest_batch': best, 'tries': tries,
                'seconds': time.perf_counter() - start}
         print(f'  -> largest global batch {best}', flush=True)
         result['fit'].append(row)
