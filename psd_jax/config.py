@@ -49,10 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # pretrained weights to start from (OpenAI CLIP / open_clip: a .safetensors, .bin or .pt
     # file, or an open_clip folder); the optimizer starts fresh (psd_jax/pretrained.py)
     config.model.init_from = ''
-    # memory levers that leave the values alone: what a transformer block keeps for the
-    # backward pass (none | minimal: matmul outputs | full: recompute the block), and the
-    # blocks under one scan (compile time independent of depth; parameters stacked, so a
-    # checkpoint keeps the layout it was written with)
+    # memory levers that leave the values alone: what a transformer (or ResNet) block keeps
+    # for the backward pass (none | minimal: matmul outputs | full: recompute the block), and
+    # the transformer blocks under one scan (compile time independent of depth; parameters
+    # stacked, so a checkpoint keeps the layout it was written with)
     config.model.remat = 'none'
     config.model.scan_layers = False
     # fraction of image patches a ViT drops at random in training (FLIP; 0: none): fewer

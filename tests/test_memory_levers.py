@@ -1,6 +1,7 @@
 """model.remat and model.scan_layers change memory and compile time, not values: the same
 loss and parameter gradients as the plain towers (a ViT and the text transformer, fresh
-inputs); the scanned layout converts both ways (psd_jax/layout.py); a wrong policy is named.
+inputs; a ResNet's rematerialised blocks in training mode, BatchNorm statistics included);
+the scanned layout converts both ways (psd_jax/layout.py); a wrong policy is named.
 
 Tolerance: the plain and lever models are compiled separately, so XLA may fuse and order the
 float32 arithmetic differently: gradients within 1e-5 of the largest gradient element, loss
@@ -55,6 +56,42 @@ def test_levers_give_the_plain_loss_and_gradients(plain, remat, scan):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads0), jax.tree.leaves(grads)):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+RESNET = preset('tiny', image=dict(kind='resnet', layers=(1, 2), width=8, heads=2))
+
+
+@pytest.mark.parametrize('remat', ['minimal', 'full'])
+def test_resnet_remat_gives_the_plain_loss_gradients_and_statistics(seed, remat):
+    """In training mode (BatchNorm over the batch, running statistics updated): the same loss,
+    parameter gradients and new statistics with the blocks rematerialised."""
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.normal(size=(6, 32, 32, 3)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(1, RESNET.vocab_size, size=(6, RESNET.context_length)))
+    weights = jnp.asarray(rng.normal(size=(6, 6)), jnp.float32)
+
+    def run(model, variables):
+        def loss(p):
+            out, new = model.apply({**variables, 'params': p}, images, tokens, train=True,
+                                   mutable=['batch_stats'])
+            return jnp.sum(weights * (out['image'] @ out['text'].T)), new['batch_stats']
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+
+    plain_model = build_model(RESNET)
+    variables = nn.meta.unbox(plain_model.init(jax.random.key(seed), images, tokens))
+    (loss0, stats0), grads0 = run(plain_model, variables)
+    (loss, stats), grads = run(build_model(RESNET, remat=remat), variables)
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads0))
+    assert jax.tree.structure(grads) == jax.tree.structure(grads0)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads0), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    for a, b in zip(jax.tree.leaves(stats0), jax.tree.leaves(stats)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(stats0), jax.tree.leaves(variables['batch_stats']))]
+    assert max(moved) > 1e-3  # the statistics were updated, so their equality says something
 
 
 def test_scanned_layout_round_trips(plain):

@@ -66,9 +66,9 @@ def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = F
                 patch_dropout: float = 0.0, attention: str = 'xla') -> DualEncoder:
     """A `DualEncoder` computing in `dtype` ('float32' or 'bfloat16') with float32 parameters;
     `sigmoid`: SigLIP's initial scale (t = 10) and a logit bias (-10), else CLIP's t = 1/0.07.
-    `remat` (none | minimal | full) and `scan_layers` apply to every transformer stack (the
-    ResNet stages of RN50 are left as they are): memory levers that leave the values alone;
-    `scan_layers` stacks the block parameters (layers.stack_blocks converts)."""
+    `remat` (none | minimal | full) applies to every transformer stack and to the bottleneck
+    blocks of a ResNet, `scan_layers` to the transformer stacks: memory levers that leave the
+    values alone; `scan_layers` stacks the block parameters (psd_jax/layout.py converts)."""
     if isinstance(spec, str):
         spec = preset(spec)
     if dtype not in DTYPES:
@@ -88,7 +88,7 @@ def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = F
             raise ValueError(f'model.patch_dropout={patch_dropout}: a ResNet image tower has no '
                              'patches to drop; use a ViT preset or 0')
         tower = ModifiedResNet(image_size=spec.image_size, embed_dim=spec.embed_dim,
-                               dtype=compute, **image)
+                               dtype=compute, remat=remat, **image)
     else:
         raise ValueError(f"model image kind={kind!r} is not known; allowed: ['resnet', 'vit']")
     text = TextTransformer(vocab_size=spec.vocab_size, context_length=spec.context_length,

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from psd_jax.models.layers import Dtype, normal, ones, zeros
+from psd_jax.models.layers import REMAT_POLICIES, Dtype, check_remat, normal, ones, zeros
 
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
@@ -103,13 +103,21 @@ class AttentionPool(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """images (batch, H, W, 3) -> embeddings (batch, embed_dim), not yet normalised."""
+    """images (batch, H, W, 3) -> embeddings (batch, embed_dim), not yet normalised.
+
+    `remat` (layers.REMAT_POLICIES) wraps each bottleneck block in `jax.checkpoint`: 'full'
+    keeps only the block's input for the backward pass and recomputes the rest. 'minimal'
+    saves the weight matmuls' outputs, and a ResNet block has none (its weights are
+    convolutions), so it keeps what 'full' keeps. The running BatchNorm statistics are
+    updated once, by the forward pass; the values never change.
+    """
     image_size: int
     layers: Sequence[int]
     width: int
     heads: int
     embed_dim: int
     dtype: Dtype = jnp.float32
+    remat: str = 'none'
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -123,9 +131,13 @@ class ModifiedResNet(nn.Module):
         x = nn.relu(ConvBN(self.width // 2, 3, dtype=self.dtype, name='stem2')(x, train))
         x = nn.relu(ConvBN(self.width, 3, dtype=self.dtype, name='stem3')(x, train))
         x = _avg_pool(x, 2)
+        check_remat(self.remat)
+        block = Bottleneck
+        if self.remat != 'none':  # argument 2 (`train`, counting self) is a Python bool
+            block = nn.remat(Bottleneck, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
         for stage, blocks in enumerate(self.layers):
             planes = self.width * 2 ** stage
             for i in range(blocks):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                x = Bottleneck(planes, stride, self.dtype, name=f'layer{stage + 1}_{i}')(x, train)
+                x = block(planes, stride, self.dtype, name=f'layer{stage + 1}_{i}')(x, train)
         return AttentionPool(self.heads, self.embed_dim, self.dtype, name='attnpool')(x)
