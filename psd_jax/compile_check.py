@@ -190,6 +190,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     from psd_jax import config as config_lib
+    from psd_jax.cli import quiet_libraries
+    quiet_libraries()  # e.g. JAX's INFO line that no TPU backend could be started here
     try:
         config_lib.validate(FLAGS.config)
         devices, label, hbm = devices_for(FLAGS.topology, FLAGS.cpu_devices)
