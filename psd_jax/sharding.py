@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from psd_jax.models.layers import ACTIVATION_SHARDING
+from psd_jax.models.tracing import ACTIVATION_SHARDING
 
 P = PartitionSpec
 
@@ -87,7 +87,7 @@ def batch_spec(mesh: Mesh) -> PartitionSpec:
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh) -> Iterator[None]:
     """Inside (while tracing): the transformer blocks' activations stay split over the mesh's
-    data axes (models.layers.constrain_batch). Scanned stacks need it: inside their loop XLA
+    data axes (models.tracing.constrain_batch). Scanned stacks need it: inside their loop XLA
     may otherwise replicate the batch (measured: 7x the temporaries on 8 CPU devices)."""
     token = ACTIVATION_SHARDING.set(batch_sharding(mesh))
     try:

@@ -7,26 +7,19 @@ float32; the compute dtype is a module attribute (float32 or bfloat16).
 
 from __future__ import annotations
 
-import contextvars
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from psd_jax.models.dense import Dense
+from psd_jax.models.norm import LayerNorm
+from psd_jax.models.tracing import constrain_batch
+
 Dtype = Any
 
 LN_EPSILON = 1e-5  # CLIP's LayerNorm epsilon (PyTorch default).
-# Where activations' batch dimension lives, set while tracing by
-# psd_jax.sharding.activation_rules (a NamedSharding over the data axes; None: no constraint).
-ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar('activation_sharding',
-                                                                     default=None)
-
-
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """Keep x's leading (batch) dimension split as ACTIVATION_SHARDING says, if set."""
-    sharding = ACTIVATION_SHARDING.get()
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def normal(stddev: float, axes: tuple[str | None, ...]) -> Callable:
@@ -42,10 +35,11 @@ def ones(axes: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm over the `embed` axis with CLIP's epsilon; statistics are computed in float32."""
-    return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
-                        scale_init=ones(('embed',)), bias_init=zeros(('embed',)), name=name)
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.Module:
+    """LayerNorm over the `embed` axis with CLIP's epsilon; statistics are computed in float32
+    (psd_jax/models/norm.py: flax's LayerNorm with a closed-form backward)."""
+    return LayerNorm(epsilon=LN_EPSILON, dtype=dtype,
+                     scale_init=ones(('embed',)), bias_init=zeros(('embed',)), name=name)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -102,15 +96,15 @@ class SelfAttention(nn.Module):
         if width % self.heads:
             raise ValueError(f'width {width} does not divide into heads={self.heads}')
         head_dim = width // self.heads
-        qkv = nn.DenseGeneral(
-            features=(3, self.heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
+        qkv = Dense(
+            features=(3, self.heads, head_dim), dtype=self.dtype,
             kernel_init=normal(self.in_std, ('embed', None, 'heads', 'kv')),
             bias_init=zeros((None, 'heads', 'kv')), name='qkv')(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
                                          implementation=ATTENTION_IMPLS[self.attention])
-        return nn.DenseGeneral(
-            features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+        return Dense(
+            features=(width,), in_axes=2, dtype=self.dtype,
             kernel_init=normal(self.out_std, ('heads', 'kv', 'embed')),
             bias_init=zeros(('embed',)), name='out')(y)
 
@@ -127,11 +121,11 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         hidden = int(width * self.mlp_ratio)
-        h = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32,
+        h = Dense((hidden,), dtype=self.dtype,
                      kernel_init=normal(self.fc_std, ('embed', 'mlp')),
                      bias_init=zeros(('mlp',)), name='fc')(x)
         h = activation(self.act)(h)
-        return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
+        return Dense((width,), dtype=self.dtype,
                         kernel_init=normal(self.proj_std, ('mlp', 'embed')),
                         bias_init=zeros(('embed',)), name='proj')(h)
 
