@@ -36,8 +36,7 @@ def _stats(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Arra
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
     """Normalises x (..., width) over its last axis; scale, bias: (width,) float32.
     Returns (..., width) in x's dtype."""
-    xhat, _, _ = _stats(x, epsilon)
-    return (xhat * scale + bias).astype(x.dtype)
+    return _forward(x, scale, bias, epsilon)[0]
 
 
 def _forward(x, scale, bias, epsilon):
