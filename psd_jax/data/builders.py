@@ -23,19 +23,16 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
 
 def checked_image(data: bytes) -> io.BytesIO | None:
-    """The image as bytes tfds can store, or None when it does not decode fully.
+    """The image's own bytes, or None when they do not decode fully.
 
-    RGB JPEG/PNG bytes are kept as they are; other modes (grey, palette, alpha) are converted to
-    RGB and re-encoded as PNG, so every stored image decodes to (H, W, 3).
+    Every image is stored as it came (its mode kept: alpha, palette, grey, CMYK), because
+    open_clip's evaluation transform resizes and crops in the image's own mode and converts to
+    RGB last (psd_jax/data/transforms.py); the input pipeline decodes the bytes itself.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decodes the whole image: truncated files fail here
-            if im.mode == 'RGB' and im.format in ('JPEG', 'PNG'):
-                return io.BytesIO(data)
-            out = io.BytesIO()
-            im.convert('RGB').save(out, format='PNG')
-            return io.BytesIO(out.getvalue())
+            return io.BytesIO(data)
     except Exception:  # PIL raises many types for corrupt data  # noqa: BLE001
         return None
 
@@ -64,8 +61,9 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
     or whose caption is missing or empty are skipped; the counts are stored in the dataset's
     metadata (`builder.info.metadata['skipped']`)."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First version.'}
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {'1.0.0': 'First version.',
+                     '1.1.0': 'Images stored as their source bytes, mode kept (alpha, palette).'}
     BUILDER_CONFIGS = [ImageTextShardsConfig(name='default')]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -193,8 +191,9 @@ class ImageFolderClassification(tfds.core.GeneratorBasedBuilder):
     """Labelled images from class sub-folders, for zero-shot and linear-probe sets of one's own.
     Class names are the folder names (underscores read as spaces in `caption`)."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First version.'}
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {'1.0.0': 'First version.',
+                     '1.1.0': 'Images stored as their source bytes, mode kept (alpha, palette).'}
     BUILDER_CONFIGS = [ImageFolderConfig(name='default')]
 
     def _layout(self) -> tuple[dict[str, pathlib.Path], list[str]]:

@@ -132,7 +132,11 @@ def data_source(name: str, split: str, data_dir: str | pathlib.Path | None = Non
     splits = sorted(builder.info.splits.keys())
     if split.split('[')[0] not in splits:
         raise ValueError(f'split {split!r} does not exist in {name!r}; available: {splits}')
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    decoders = None
+    if 'image' in builder.info.features:  # the input pipeline decodes: the source's own mode
+        decoders = {'image': tfds.decode.SkipDecoding()}  # (alpha, palette) reaches the
+    return tfds.data_source(name, split=split, data_dir=data_dir,  # eval transform
+                            decoders=decoders)
 
 
 def main(argv: list[str] | None = None) -> None:

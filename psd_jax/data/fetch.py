@@ -9,6 +9,11 @@
   openmoji`; with the emoji above it makes the `emoji_styles` dataset (one name, several
   artists).
 - `clip_vocab`: CLIP's BPE vocabulary, extracted from the open-clip-torch wheel on PyPI.
+- `zero_shot_metadata`: the class names and prompt templates the field's zero-shot numbers are
+  computed with: OpenAI's curated ImageNet names and 80 templates (open-clip-torch's
+  `open_clip/zero_shot_metadata.py`) and CLIP_benchmark's per-dataset names and templates
+  (`clip_benchmark/datasets/en_*.json`, with its ImageNet-A / -R class subsets), read from the
+  two wheels on PyPI (pinned) into one JSON file. Nothing of them is kept in this repository.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ EMOJI_PACKAGES = {  # pinned, so the dataset is the same everywhere
 }
 OPENMOJI_PACKAGES = {'openmoji': '17.0.0'}  # colour SVGs, CC BY-SA 4.0
 CLIP_VOCAB_NAME = 'bpe_simple_vocab_16e6.txt.gz'
+METADATA_NAME = 'zero_shot_metadata.json'
+METADATA_WHEELS = {'open-clip-torch': '3.3.0', 'clip-benchmark': '1.6.2'}  # pinned: same prompts
 
 
 def cache_dir() -> pathlib.Path:
@@ -98,6 +105,26 @@ def openmoji_sources(root: pathlib.Path | None = None) -> pathlib.Path:
     return _npm_unpack((root or cache_dir()) / 'openmoji_sources', OPENMOJI_PACKAGES, wanted)
 
 
+def _download_wheel(package: str, version: str | None, into: str) -> pathlib.Path:
+    """`pip download` one wheel (no dependencies) into `into`; returns its path."""
+    spec = f'{package}=={version}' if version else package
+    print(f'fetching the {spec} wheel ...', file=sys.stderr)
+    result = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps',
+                             '--only-binary', ':all:', '-q', '-d', into, spec],
+                            capture_output=True, text=True)
+    wheels = list(pathlib.Path(into).glob(f'{package.replace("-", "_")}-*.whl'))
+    if result.returncode or not wheels:
+        raise RuntimeError(f'could not download the {spec} wheel (`pip download --no-deps '
+                           f'{spec}`):\n{result.stderr}')
+    return wheels[0]
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    partial = path.with_suffix('.partial')
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
 def clip_vocab(root: pathlib.Path | None = None) -> pathlib.Path:
     """Path of CLIP's BPE vocabulary, extracted (once) from the open-clip-torch wheel."""
     root = root or cache_dir()
@@ -106,24 +133,37 @@ def clip_vocab(root: pathlib.Path | None = None) -> pathlib.Path:
         return path
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        print('fetching the open-clip-torch wheel for its BPE vocabulary ...', file=sys.stderr)
-        result = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps',
-                                 '--only-binary', ':all:', '-q', '-d', tmp, 'open-clip-torch'],
-                                capture_output=True, text=True)
-        wheels = list(pathlib.Path(tmp).glob('open_clip_torch-*.whl'))
-        if result.returncode or not wheels:
-            raise RuntimeError('could not download the open-clip-torch wheel (`pip download '
-                               f'--no-deps open-clip-torch`):\n{result.stderr}')
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            data = wheel.read(f'open_clip/{CLIP_VOCAB_NAME}')
-        partial = path.with_suffix('.partial')
-        partial.write_bytes(data)
-        partial.replace(path)
+        with zipfile.ZipFile(_download_wheel('open-clip-torch', None, tmp)) as wheel:
+            _write_atomically(path, wheel.read(f'open_clip/{CLIP_VOCAB_NAME}'))
+    return path
+
+
+def zero_shot_metadata(root: pathlib.Path | None = None) -> pathlib.Path:
+    """Path of the zero-shot class names and templates (JSON), extracted (once) from the
+    open-clip-torch and clip-benchmark wheels (psd_jax/data/wheel_metadata.py reads them)."""
+    import json
+
+    from psd_jax.data import wheel_metadata
+
+    root = root or cache_dir()
+    path = root / METADATA_NAME
+    if path.exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        files = {}
+        for package, version in METADATA_WHEELS.items():
+            with zipfile.ZipFile(_download_wheel(package, version, tmp)) as wheel:
+                for name in wheel_metadata.WANTED[package]:
+                    files[name] = wheel.read(name).decode('utf-8')
+        metadata = wheel_metadata.extract(files)
+        metadata['source'] = {p: v for p, v in METADATA_WHEELS.items()}
+        _write_atomically(path, json.dumps(metadata, indent=1).encode())
     return path
 
 
 FETCHERS = {'emoji': emoji_sources, 'openmoji': openmoji_sources,
-            'clip_vocab': clip_vocab}
+            'clip_vocab': clip_vocab, 'zero_shot_metadata': zero_shot_metadata}
 
 
 def main(argv: list[str]) -> None:

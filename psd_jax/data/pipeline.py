@@ -2,8 +2,9 @@
 
 Random access from `tfds.data_source`; a seeded global shuffle, different every epoch, of which
 each host reads its slice of every global batch (the same batches for any number of hosts);
-decoding; CLIP image preprocessing (random resized crop for
-training, resize + centre crop for evaluation, CLIP mean/std); tokenisation; batching to this
+decoding; image preprocessing (psd_jax/data/transforms.py: a random resized crop for
+training, open_clip's evaluation transform pixel for pixel for evaluation and the teacher view);
+tokenisation; batching to this
 host's share of the global batch; worker processes. `iterator.get_state()` /
 `set_state()` make the position checkpointable, so a resumed run sees the same batches.
 """
@@ -13,15 +14,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 from typing import Any, Callable, Sequence
 
 import grain.python as grain
 from absl import flags
 import jax
 import numpy as np
-from PIL import Image
 
+from psd_jax.data import transforms
+from psd_jax.data.transforms import random_resized_crop
 from psd_jax.models.clip import CLIP_MEAN as _MEAN, CLIP_STD as _STD
 
 CLIP_MEAN = np.array(_MEAN, np.float32)
@@ -53,37 +54,6 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
 def _uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image, np.uint8)
-
-
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.9, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """A random crop covering `scale` of the area with aspect in `ratio`, resized to size^2."""
-    h, w = image.shape[:2]
-    for _ in range(10):
-        area = h * w * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            break
-    else:
-        ch, cw = min(h, w), min(h, w)
-        top, left = (h - ch) // 2, (w - cw) // 2
-    crop = Image.fromarray(image[top:top + ch, left:left + cw])
-    return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
-
-
-def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size`, then take the central size x size crop."""
-    h, w = image.shape[:2]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    im = Image.fromarray(image)
-    if (nh, nw) != (h, w):
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.asarray(im)[top:top + size, left:left + size]
 
 
 NOISE_KINDS = ('shuffle', 'within_group', 'group_name')
@@ -207,18 +177,15 @@ class Preprocess(grain.RandomMapTransform):
     crop_scale: tuple[float, float] = (0.9, 1.0)  # area fraction of the random crop
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        image = np.asarray(record['image'])
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        elif image.shape[2] == 1:
-            image = np.repeat(image, 3, axis=2)
+        image = record['image']  # encoded bytes (decoding skipped) or a decoded array
         out = {}
         if self.train:
             if self.teacher_view:
-                out['teacher_image'] = _uint8(resize_center_crop(image, self.image_size))
-            view = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
+                out['teacher_image'] = transforms.eval_view(image, self.image_size)
+            view = random_resized_crop(transforms.rgb_array(image), self.image_size, rng,
+                                       scale=self.crop_scale)
         else:
-            view = resize_center_crop(image, self.image_size)
+            view = transforms.eval_view(image, self.image_size)
         out['image'] = _uint8(view)
         out['text'] = self.tokenizer(_as_text(record['caption']), self.context_length)
         for key in self.keep:
