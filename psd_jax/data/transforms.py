@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,10 @@ def eval_view(image: Any, size: int) -> np.ndarray:
     if new != (width, height):
         im = im.resize(new, Image.Resampling.BICUBIC)
     im = im.crop(center_crop_box(*new, size))
-    return np.ascontiguousarray(np.asarray(im.convert('RGB')), np.uint8)
+    with warnings.catch_warnings():  # PIL advises RGBA for palettes with transparency; open_clip
+        warnings.simplefilter('ignore', UserWarning)  # converts to RGB, and so do we
+        rgb = im.convert('RGB')
+    return np.ascontiguousarray(np.asarray(rgb), np.uint8)
 
 
 def rgb_array(image: Any) -> np.ndarray:
@@ -80,7 +84,9 @@ def rgb_array(image: Any) -> np.ndarray:
         if array.shape[2] == 3:
             return array
     im = image if isinstance(image, Image.Image) else decode(image)
-    return np.asarray(im.convert('RGB'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)
+        return np.asarray(im.convert('RGB'))
 
 
 def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
