@@ -136,6 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.batch = 256
     config.eval.probe_dataset = 'fashion_mnist_local'  # linear probe: its train -> test
     config.eval.probe_examples = 10000  # training images for the probe (0: all)
+    # benchmarks independent of the training data, comma-separated: suites (demo,
+    # imagenet_robustness, vtab_classification, clip_benchmark), catalog names (imagenet1k,
+    # cifar100, ...) or names of eval.benchmarks entries (psd_jax/evaluation/benchmarks.py)
+    config.eval.suite = ''
+    config.eval.benchmarks = C()  # own benchmarks: name -> dict(task, dataset, split, ...)
+    config.eval.data_dir = ''  # where the suite's tfds datasets are prepared ('': data.data_dir)
 
     config.metrics = C()
     config.metrics.tensorboard = True

@@ -1,14 +1,20 @@
 """Evaluate a checkpoint standalone: python -m psd_jax.evaluate --config C --workdir W [--step N]
 
 Restores the latest (or the given) checkpoint of the run in W, onto this machine's mesh, runs
-the evaluators the config lists (`config.eval.evaluators`, overridable like any key) and writes
-<workdir>/eval_step_<N>.json.
+the evaluators and the suite the config lists (`config.eval.evaluators`, `config.eval.suite`,
+overridable like any key) and writes <workdir>/eval_step_<N>.json, plus the suite's table as
+<workdir>/eval/suite_step_<N>.md and .json.
 
-    python -m psd_jax.evaluate --config C --init_from PATH [--workdir W]
+    python -m psd_jax.evaluate --config C --workdir W --suite imagenet_robustness,cifar100
+
+runs that suite alone (psd_jax/evaluation/benchmarks.py names the suites and benchmarks);
+
+    python -m psd_jax.evaluate --config C --init_from PATH [--workdir W] [--suite NAME]
 
 evaluates pretrained weights instead (OpenAI CLIP / open_clip: psd_jax/pretrained.py), with no
 training; the config must describe their architecture (model.preset, sizes, model.act). The
-results are printed, and written to <workdir>/eval_pretrained.json when a workdir is given.
+results are printed, and written to <workdir>/eval_pretrained.json (and
+<workdir>/eval/suite_pretrained.md / .json) when a workdir is given.
 """
 
 from __future__ import annotations
@@ -27,7 +33,19 @@ flags.DEFINE_string('workdir', None, 'The run directory holding checkpoints/.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
 flags.DEFINE_string('init_from', None, 'Pretrained weights to evaluate instead of a checkpoint '
                     '(.safetensors, .bin, .pt or an open_clip folder).')
+flags.DEFINE_string('suite', None, 'Evaluate this suite alone (comma-separated suite and '
+                    'benchmark names, as config.eval.suite), without the training-data '
+                    'evaluators.')
 flags.mark_flags_as_required(['config'])
+
+
+def with_suite(config, suite: str | None):
+    """The config with eval.suite = `suite` and no training-data evaluators, when given."""
+    if suite:
+        with config.unlocked():
+            config.eval.suite = suite
+            config.eval.evaluators = ()
+    return config
 
 
 def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, float]:
@@ -38,7 +56,8 @@ def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, 
 
     variables, at, setup, mesh = restore_variables(config, workdir, step_number)
     result = {'step': at, **run_evaluators(config, setup.model, variables, mesh,
-                                           make_tokenizer(config))}
+                                           make_tokenizer(config),
+                                           report_dir=epath.Path(workdir) / 'eval', step=at)}
     out = epath.Path(workdir) / f'eval_step_{at}.json'
     out.write_text(json.dumps(result, indent=1))
     logging.info('wrote %s', out)
@@ -60,8 +79,10 @@ def evaluate_pretrained(config, path: str, workdir: str | None = None) -> dict[s
     params = layout.convert(imported['params'], config.model.scan_layers)
     variables = {'params': jax.device_put(params, sharding.replicated(mesh)),
                  'batch_stats': jax.device_put(imported['batch_stats'], sharding.replicated(mesh))}
+    report_dir = epath.Path(workdir) / 'eval' if workdir else None
     result = {'init_from': path, **run_evaluators(config, setup.model, variables, mesh,
-                                                  make_tokenizer(config))}
+                                                  make_tokenizer(config), report_dir=report_dir,
+                                                  weights='pretrained')}
     if workdir:
         out = epath.Path(workdir) / 'eval_pretrained.json'
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,14 +96,15 @@ def main(argv) -> None:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     from psd_jax.cli import quiet_libraries
     quiet_libraries()
+    config = with_suite(FLAGS.config, FLAGS.suite)
     try:
         if FLAGS.init_from:
-            result = evaluate_pretrained(FLAGS.config, FLAGS.init_from, FLAGS.workdir)
+            result = evaluate_pretrained(config, FLAGS.init_from, FLAGS.workdir)
         elif not FLAGS.workdir:
             raise ValueError('--workdir is required (or --init_from to evaluate pretrained '
                              'weights)')
         else:
-            result = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
+            result = evaluate(config, FLAGS.workdir, FLAGS.step)
     except (ValueError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

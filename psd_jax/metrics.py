@@ -21,6 +21,17 @@ from etils import epath
 from psd_jax.workdir import append_line
 
 
+CONSOLE_KEYS = ('loss', 'clip', 'distill', 'alpha', 'images_per_s')
+CONSOLE_SUFFIXES = ('/i2t_R@1', '/t2i_R@1', '/top1', '/accuracy', 'suite/average',
+                    'robustness/effective_robustness')
+
+
+def on_console(key: str) -> bool:
+    """Whether a metric belongs on the console's one line per log (the rest goes to the
+    files): the losses, speed, each evaluation's headline numbers and the suite average."""
+    return key in CONSOLE_KEYS or key.endswith(CONSOLE_SUFFIXES)
+
+
 class MetricsWriter:
     """One JSON line per logged step in <workdir>/metrics.jsonl, mirrored to TensorBoard."""
 
@@ -58,9 +69,7 @@ class MetricsWriter:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
-        brief = ' '.join(f'{k}={v:.4g}' for k, v in clean.items()
-                         if k in ('loss', 'clip', 'distill', 'alpha', 'images_per_s')
-                         or k.endswith('R@1'))
+        brief = ' '.join(f'{k}={v:.4g}' for k, v in clean.items() if on_console(k))
         if self._bar is not None:
             self._bar.set_postfix_str(brief, refresh=False)
         else:

@@ -274,7 +274,7 @@ class Loop:
         """Periodic evaluation (the final one belongs to `finish`)."""
         train = self.config.train
         if train.eval_every and done % train.eval_every == 0 and done != train.steps:
-            self.writer.write(done, self.evaluate(state))
+            self.writer.write(done, self.evaluate(state, done))
             self.tick, self.tick_step = time.perf_counter(), done
 
     def checkpoint_if_due(self, done: int, state, iterator) -> None:
@@ -285,10 +285,13 @@ class Loop:
             self.ckpt.save(done, state, iterator, self.config_dict)
             self.tick, self.tick_step = time.perf_counter(), done  # step times exclude saves
 
-    def evaluate(self, state) -> dict[str, float]:
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        """The evaluators and the suite on `state`; the suite's table goes to
+        <workdir>/eval/suite_step_<step>.md and .json."""
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         return evaluation.run_evaluators(self.config, self.setup.model, variables,
-                                         self.setup.mesh, self.tokenizer)
+                                         self.setup.mesh, self.tokenizer,
+                                         report_dir=self.workdir / 'eval', step=step)
 
     def finish(self, state, iterator) -> dict[str, float]:
         """The final checkpoint, committed before the final evaluation starts (an evaluation
@@ -302,7 +305,7 @@ class Loop:
         self.ckpt.wait()
         logging.info('checkpoint %d committed in %s', steps, self.ckpt.directory)
         try:
-            final = self.evaluate(state)
+            final = self.evaluate(state, steps)
             failure = None
         except evaluation.EvaluationFailed as e:
             final, failure = e.partial, e

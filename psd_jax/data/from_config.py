@@ -19,15 +19,17 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Callable:
 
 
 def open_split(config: ml_collections.ConfigDict, split: str, dataset: str | None = None,
-               builder_config: str | None = None, path: str | None = None) -> Any:
+               builder_config: str | None = None, path: str | None = None,
+               data_dir: str | None = None) -> Any:
     """A split's random-access source (default: the training dataset), preparing the dataset
     first when the project knows how: on one host; on several, process 0 prepares the small
     demo sets while the others wait, and the user's path-based datasets must have been
-    prepared beforehand (datasets.require_prepared says how)."""
+    prepared beforehand (datasets.require_prepared says how). `data_dir`: where it is prepared
+    (default data.data_dir, else the cache)."""
     dataset = dataset or config.data.dataset
     if dataset == config.data.dataset and builder_config is None:
         builder_config, path = config.data.builder_config, config.data.path
-    data_dir = config.data.data_dir or None
+    data_dir = data_dir or config.data.data_dir or None
     if dataset in datasets.CONFIGS and jax.process_count() > 1:
         # the user's data on a pod: prepared beforehand, never by the run (every host checks)
         datasets.require_prepared(dataset, data_dir, builder_config or None, path or None)

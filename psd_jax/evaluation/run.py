@@ -1,91 +1,54 @@
-"""The evaluators a config can list (`config.eval.evaluators`), run in the loop and standalone.
+"""The evaluators a config can list (`config.eval.evaluators`) and its benchmark suite
+(`config.eval.suite`), run in the loop and standalone.
 
-- `retrieval`: image <-> caption retrieval on `eval.split` of the training dataset (identical
-  captions are interchangeable).
-- `zero_shot`: classification of `eval.split`'s images into the dataset's classes
-  (psd_jax.data.classnames) with its prompt templates.
+Evaluators score the *training* dataset's `eval.split`:
+- `retrieval`: image <-> caption retrieval (identical captions are interchangeable).
+- `zero_shot`: classification into the dataset's classes (psd_jax/evaluation/prompts.py).
 - `linear_probe`: logistic regression on frozen image features of `eval.probe_dataset`
   (train split -> test split), at most `eval.probe_examples` training images.
+The suite scores any list of benchmarks independent of the training data
+(psd_jax/evaluation/benchmarks.py, psd_jax/evaluation/suite.py). Both share one cache: each
+split is embedded once per evaluation.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
-import jax
 import ml_collections
-import numpy as np
 
 from psd_jax.data import classnames
-from psd_jax.data.from_config import eval_loader, open_split
-from psd_jax.data.pipeline import Subset
-from psd_jax.evaluation.embed import embed_batches
-from psd_jax.evaluation.linear_probe import linear_probe
-from psd_jax.evaluation.retrieval import retrieval_metrics
-from psd_jax.evaluation.zero_shot import class_embeddings, zero_shot_metrics
+from psd_jax.data.from_config import open_split
+from psd_jax.evaluation import benchmarks as benchmarks_lib
+from psd_jax.evaluation.benchmarks import Benchmark
+from psd_jax.evaluation.suite import (NonFiniteEmbeddings, Suite, SuiteReport, _features,
+                                      check_finite, write_report)
+
+__all__ = ['NonFiniteEmbeddings', 'check_finite', 'run_evaluators', 'check_evaluators']
 
 
-def _embedded_split(config, model, variables, mesh, tokenizer, split, sample=None, **dataset):
-    """Embeddings (and labels, caption ids) of a whole split, gathered from every host; with
-    `sample` (an int n), of n of its records drawn by a fixed seed (only those are read)."""
-    source = open_split(config, split, **dataset)
-    if sample:
-        chosen = np.random.default_rng(0).permutation(len(source))[:sample]
-        source = Subset(source, chosen)
-    per_host = math.ceil(len(source) / jax.process_count())
-    emb = embed_batches(model, variables, eval_loader(config, source, tokenizer), mesh,
-                        config.eval.batch, num_batches=math.ceil(per_host / config.eval.batch))
-    check_finite(emb, f'{dataset.get("dataset", config.data.dataset)} split {split!r}')
-    return emb
+def training_benchmark(config: ml_collections.ConfigDict, task: str) -> Benchmark:
+    """The legacy evaluator `task` as a benchmark on the training dataset's eval.split."""
+    dataset = config.data.dataset
+    if task == 'linear_probe':
+        return Benchmark('linear_probe', config.eval.probe_dataset, 'test')
+    own = dataset.split('/')[0] in classnames.CLASS_NAMES
+    return Benchmark(task, dataset, config.eval.split, builder_config=config.data.builder_config,
+                     path=config.data.path, names='project' if own else 'labels_spaces',
+                     templates='project')
 
 
-class NonFiniteEmbeddings(ValueError):
-    """The model gives NaN or infinite embeddings: no metric of it means anything."""
+def _evaluator(task: str) -> Callable:
+    def evaluate(config, model, variables, mesh, tokenizer, suite=None) -> dict[str, float]:
+        suite = suite or Suite(config, model, variables, mesh, tokenizer)
+        metrics, _ = getattr(suite, task)(training_benchmark(config, task))
+        return metrics
+    evaluate.__name__ = task
+    return evaluate
 
 
-def check_finite(embeddings: dict[str, np.ndarray], what: str) -> None:
-    """Refuse to score embeddings that are not all finite (a diverged model)."""
-    for key in ('image', 'text'):
-        if key in embeddings:
-            bad = int(np.sum(~np.all(np.isfinite(embeddings[key]), axis=1)))
-            if bad:
-                raise NonFiniteEmbeddings(
-                    f'{what}: {bad} of {len(embeddings[key])} {key} embeddings are not finite '
-                    '(the model diverged); no evaluation is reported for it')
-
-
-def retrieval(config, model, variables, mesh, tokenizer) -> dict[str, float]:
-    emb = _embedded_split(config, model, variables, mesh, tokenizer, config.eval.split)
-    return retrieval_metrics(emb['image'], emb['text'], text_group=emb['caption_id'])
-
-
-def zero_shot(config, model, variables, mesh, tokenizer) -> dict[str, float]:
-    emb = _embedded_split(config, model, variables, mesh, tokenizer, config.eval.split)
-    if 'label' not in emb:
-        raise ValueError(f'zero-shot classification needs labels; {config.data.dataset!r} '
-                         f'split {config.eval.split!r} has none')
-    classes = class_embeddings(model, variables, tokenizer,
-                               classnames.class_names(config.data.dataset),
-                               classnames.templates(config.data.dataset), mesh,
-                               config.eval.batch, config.model.context_length)
-    result = zero_shot_metrics(emb['image'], emb['label'], classes)
-    return {k: v for k, v in result.items() if k != 'per_class'}
-
-
-def linear_probe_on_frozen_features(config, model, variables, mesh,
-                                    tokenizer) -> dict[str, float]:
-    """Accuracy of logistic regression on frozen image embeddings of eval.probe_dataset."""
-    dataset = {'dataset': config.eval.probe_dataset, 'builder_config': ''}
-    train = _embedded_split(config, model, variables, mesh, tokenizer, 'train',
-                            sample=config.eval.probe_examples, **dataset)
-    test = _embedded_split(config, model, variables, mesh, tokenizer, 'test', **dataset)
-    result = linear_probe(train['image'], train['label'], test['image'], test['label'])
-    return {'accuracy': result['accuracy'], 'l2': result['l2']}
-
-
-EVALUATORS: dict[str, Callable] = {'retrieval': retrieval, 'zero_shot': zero_shot,
-                                   'linear_probe': linear_probe_on_frozen_features}
+EVALUATORS: dict[str, Callable] = {task: _evaluator(task)
+                                   for task in ('retrieval', 'zero_shot', 'linear_probe')}
 
 
 class EvaluationFailed(ValueError):
@@ -97,33 +60,47 @@ class EvaluationFailed(ValueError):
 
 
 def run_evaluators(config: ml_collections.ConfigDict, model, variables: Any, mesh,
-                   tokenizer) -> dict[str, float]:
-    """{'eval/<evaluator>/<metric>': value} for every evaluator the config lists. Every
-    evaluator runs even when an earlier one fails; then EvaluationFailed names the failures
-    and carries the others' results."""
+                   tokenizer, report_dir=None, **header: Any) -> dict[str, float]:
+    """{'eval/<evaluator>/<metric>': value} for every evaluator the config lists, and
+    {'eval/<benchmark>/<metric>', 'eval/suite/average', 'eval/robustness/...'} for its suite,
+    whose table goes to `report_dir`/suite_<header values>.md and .json when given. Everything
+    runs even when an earlier part fails; then EvaluationFailed names the failures and carries
+    the others' results."""
     check_names(config)
+    suite = Suite(config, model, variables, mesh, tokenizer)
     out, errors = {}, []
     for name in config.eval.evaluators:
         try:
-            result = EVALUATORS[name](config, model, variables, mesh, tokenizer)
+            result = EVALUATORS[name](config, model, variables, mesh, tokenizer, suite)
         except (ValueError, FileNotFoundError) as e:
             errors.append(f'{name}: {e}')
             continue
         out.update({f'eval/{name}/{k}': float(v) for k, v in result.items()})
+    chosen = benchmarks_lib.resolve(config)
+    if chosen:
+        report: SuiteReport = suite.run(chosen)
+        out.update(report.flat())
+        errors += [f'{name}: {e}' for name, e in report.errors.items()]
+        if report_dir is not None:
+            stem = 'suite_' + '_'.join(f'{k}_{v}' if k == 'step' else str(v)
+                                       for k, v in header.items())
+            write_report(report_dir, stem, report, **header)
     if errors:
         raise EvaluationFailed('evaluation failed: ' + '; '.join(errors), out)
     return out
 
 
 def check_names(config: ml_collections.ConfigDict) -> None:
+    """Every evaluator and suite entry is known (raises ValueError naming the key)."""
     for name in config.eval.evaluators:
         if name not in EVALUATORS:
             raise ValueError(f'config.eval.evaluators: {name!r} is not known; allowed: '
                              f'{sorted(EVALUATORS)}')
-
-
-def _features(source) -> dict:
-    return dict(getattr(getattr(source, 'dataset_info', None), 'features', {}) or {})
+    clash = sorted(set(benchmarks_lib.resolve(config)) & (set(EVALUATORS) | {'suite',
+                                                                            'robustness'}))
+    if clash:
+        raise ValueError(f'config.eval.benchmarks: {clash} would share metric names with the '
+                         'evaluators; rename them')
 
 
 def check_evaluators(config: ml_collections.ConfigDict) -> None:
@@ -143,7 +120,9 @@ def check_evaluators(config: ml_collections.ConfigDict) -> None:
                     f'config.eval.evaluators: zero_shot needs labels, and '
                     f'{config.data.dataset!r} split {config.eval.split!r} has only '
                     f'{sorted(_features(source))}; drop zero_shot from eval.evaluators')
-            classnames.class_names(config.data.dataset)
+            bench = training_benchmark(config, 'zero_shot')
+            if bench.names == 'project':
+                classnames.class_names(config.data.dataset)
     if 'linear_probe' in wanted:
         for split in ('train', 'test'):
             try:
@@ -155,3 +134,28 @@ def check_evaluators(config: ml_collections.ConfigDict) -> None:
             if 'label' not in _features(source):
                 raise ValueError(f'config.eval.probe_dataset={config.eval.probe_dataset!r} '
                                  f'split {split!r} has no labels for the linear probe')
+    check_suite(config)
+
+
+def check_suite(config: ml_collections.ConfigDict) -> None:
+    """Before training: every suite benchmark's data is prepared and has what its task needs,
+    and the zero-shot metadata is fetched, so that no error waits for the first evaluation."""
+    from psd_jax.evaluation import prompts
+    for name, bench in benchmarks_lib.resolve(config).items():
+        splits = (bench.split,) + ((bench.train_split,) if bench.task == 'linear_probe' else ())
+        for split in splits:
+            try:
+                source = open_split(config, split, dataset=bench.dataset,
+                                    builder_config=bench.builder_config, path=bench.path or None,
+                                    data_dir=config.eval.data_dir or None)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f'config.eval.suite: benchmark {name!r}: {e}') from e
+            features = _features(source)
+            needed = 'caption' if bench.task == 'retrieval' else 'label'
+            if needed not in features:
+                raise ValueError(f'config.eval.suite: benchmark {name!r} ({bench.task}) needs '
+                                 f'{needed!r}; {bench.dataset} split {split!r} has only '
+                                 f'{sorted(features)}')
+        if bench.task == 'zero_shot':
+            label = _features(source)['label']
+            prompts.classifier_labels(bench, list(getattr(label, 'names', None) or []) or None)
