@@ -140,7 +140,8 @@ def clip_vocab(root: pathlib.Path | None = None) -> pathlib.Path:
 
 def zero_shot_metadata(root: pathlib.Path | None = None) -> pathlib.Path:
     """Path of the zero-shot class names and templates (JSON), extracted (once) from the
-    open-clip-torch and clip-benchmark wheels (psd_jax/data/wheel_metadata.py reads them)."""
+    open-clip-torch and clip-benchmark wheels (psd_jax/data/wheel_metadata.py reads them); the
+    wheels' files themselves are kept beside it, in zero_shot_sources/."""
     import json
 
     from psd_jax.data import wheel_metadata
@@ -158,6 +159,10 @@ def zero_shot_metadata(root: pathlib.Path | None = None) -> pathlib.Path:
                     files[name] = wheel.read(name).decode('utf-8')
         metadata = wheel_metadata.extract(files)
         metadata['source'] = {p: v for p, v in METADATA_WHEELS.items()}
+        for name, text in files.items():  # the wheels' own files, kept for parity tests
+            target = root / 'zero_shot_sources' / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding='utf-8')
         _write_atomically(path, json.dumps(metadata, indent=1).encode())
     return path
 

@@ -187,7 +187,8 @@ class Preprocess(grain.RandomMapTransform):
         else:
             view = transforms.eval_view(image, self.image_size)
         out['image'] = _uint8(view)
-        out['text'] = self.tokenizer(_as_text(record['caption']), self.context_length)
+        if 'caption' in record or self.train:  # classification sets have no captions
+            out['text'] = self.tokenizer(_as_text(record['caption']), self.context_length)
         for key in self.keep:
             if key in record:
                 out[key] = np.asarray(record[key])

@@ -82,7 +82,8 @@ CATALOG: dict[str, Benchmark] = {
     'svhn': _zs('svhn_cropped', 'test', 'cb:svhn', 'cb:svhn'),
     'pcam': _zs('patch_camelyon', 'test', 'cb:pcam', 'cb:pcam'),
     # the project's real sets (prepared from the cache by psd_jax.data.datasets)
-    'emoji': _zs('emoji', 'twitter', 'project', 'project'),
+    'emoji': Benchmark('zero_shot', 'emoji', 'twitter', names='project', templates='project',
+                       builder_config='label'),
     'emoji_styles': Benchmark('retrieval', 'emoji_styles', 'openmoji'),
     'fashion_mnist': _zs('fashion_mnist_local', 'test', 'project', 'project'),
     'fashion_mnist_probe': Benchmark('linear_probe', 'fashion_mnist_local', 'test'),

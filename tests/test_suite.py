@@ -1,0 +1,276 @@
+"""The benchmark suite on real data: emoji (zero-shot), emoji_styles (retrieval), Fashion-MNIST
+(zero-shot and linear probe), against the single evaluators run alone; each split embedded
+once; the table and JSON; the catalog's tfds datasets through tfds.testing.mock_data; the
+field's class names and templates against the wheels' own files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from psd_jax import config as config_lib, sharding
+from psd_jax.data import fetch
+from psd_jax.data.from_config import make_tokenizer
+from psd_jax.evaluation import benchmarks, prompts, run as evaluation, suite as suite_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = fetch.cache_dir()
+HAVE_DATA = (CACHE / 'emoji_sources' / '.complete').exists() and (
+    CACHE / 'openmoji_sources' / '.complete').exists() and pathlib.Path(
+    '/usr/share/datasets/fashion-mnist').is_dir()
+HAVE_METADATA = (CACHE / fetch.METADATA_NAME).is_file()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason='emoji / openmoji / Fashion-MNIST absent: '
+                                'run `python -m psd_jax.data.fetch` and apt-get install '
+                                'dataset-fashion-mnist')
+needs_metadata = pytest.mark.skipif(not HAVE_METADATA, reason='zero-shot metadata absent: run '
+                                    '`python -m psd_jax.data.fetch zero_shot_metadata`')
+
+
+def tiny_config(**eval_keys):
+    from configs.tiny_test import get_config
+    config = get_config()
+    config.eval.probe_examples = 1000
+    config.eval.evaluators = ()
+    for key, value in eval_keys.items():
+        setattr(config.eval, key, value)
+    return config
+
+
+@pytest.fixture(scope='module')
+def model_state():
+    """A tiny dual encoder, freshly initialised (any weights do: every number below is
+    compared with another path to the same number), on 8 devices."""
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    setup = config_lib.step_setup(config, mesh)
+    from psd_jax import batch as batch_lib
+    inputs = batch_lib.input_spec(setup.model, 1)
+    variables = setup.model.init(jax.random.key(1),
+                                 *(jax.numpy.zeros(inputs[k].shape, inputs[k].dtype)
+                                   for k in ('image', 'text')))
+    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    return setup.model, variables, mesh, make_tokenizer(config)
+
+
+@pytest.fixture(scope='module')
+def demo_suite(model_state, tmp_path_factory):
+    """The demo suite, run once, with the embedding and classifier calls counted."""
+    model, variables, mesh, tokenizer = model_state
+    config = tiny_config(suite='demo', evaluators=('retrieval', 'zero_shot'))
+    calls = {'embed': [], 'classes': 0}
+    real_embed, real_classes = suite_lib.embed_batches, suite_lib.class_embeddings
+
+    def counted_embed(*args, **kwargs):
+        calls['embed'].append(kwargs.get('num_batches'))
+        return real_embed(*args, **kwargs)
+
+    def counted_classes(*args, **kwargs):
+        calls['classes'] += 1
+        return real_classes(*args, **kwargs)
+
+    suite_lib.embed_batches, suite_lib.class_embeddings = counted_embed, counted_classes
+    try:
+        out = tmp_path_factory.mktemp('suite')
+        flat = evaluation.run_evaluators(config, model, variables, mesh, tokenizer,
+                                         report_dir=out, step=7)
+    finally:
+        suite_lib.embed_batches, suite_lib.class_embeddings = real_embed, real_classes
+    return flat, out, calls
+
+
+def single(model_state, task, **data):
+    """A single evaluator, alone (its own cache), on the training dataset `data` names."""
+    model, variables, mesh, tokenizer = model_state
+    config = tiny_config()
+    for key, value in data.items():
+        section, name = key.split('__')
+        setattr(getattr(config, section), name, value)
+    return evaluation.EVALUATORS[task](config, model, variables, mesh, tokenizer)
+
+
+@needs_data
+@needs_metadata
+def test_suite_equals_the_single_evaluators(demo_suite, model_state):
+    flat, _, _ = demo_suite
+    emoji = single(model_state, 'zero_shot', data__dataset='emoji', eval__split='twitter')
+    styles = single(model_state, 'retrieval', data__dataset='emoji_styles',
+                    data__builder_config='', eval__split='openmoji')
+    fashion = single(model_state, 'zero_shot', data__dataset='fashion_mnist_local',
+                     data__builder_config='', eval__split='test')
+    probe = single(model_state, 'linear_probe', eval__probe_dataset='fashion_mnist_local')
+    for name, alone in (('emoji', emoji), ('emoji_styles', styles), ('fashion_mnist', fashion),
+                        ('fashion_mnist_probe', probe)):
+        for metric, value in alone.items():
+            assert flat[f'eval/{name}/{metric}'] == pytest.approx(value, abs=1e-7), (name, metric)
+    # the training-data evaluators of the same run agree with the suite's emoji entry
+    assert flat['eval/zero_shot/top1'] == flat['eval/emoji/top1']
+    headlines = [emoji['top1'], styles['mean_R@1'], fashion['top1'], probe['accuracy']]
+    assert flat['eval/suite/average'] == pytest.approx(np.mean(headlines), abs=1e-7)
+
+
+@needs_data
+@needs_metadata
+def test_each_split_embedded_once(demo_suite):
+    _, _, calls = demo_suite
+    # emoji twitter (training-data evaluators and the suite's emoji share it), emoji_styles
+    # openmoji, Fashion-MNIST test (zero-shot and the probe share it), its training sample
+    assert len(calls['embed']) == 4, calls
+    assert calls['classes'] == 2  # emoji groups (shared), Fashion-MNIST classes
+
+
+@needs_data
+@needs_metadata
+def test_table_and_json(demo_suite):
+    flat, out, _ = demo_suite
+    table = json.loads((out / 'suite_step_7.json').read_text())
+    assert table['step'] == 7 and [b['name'] for b in table['benchmarks']] == list(
+        benchmarks.SUITES['demo'])
+    assert table['average'] == pytest.approx(flat['eval/suite/average'])
+    for row in table['benchmarks']:
+        for metric, value in row['metrics'].items():
+            assert flat[f'eval/{row["name"]}/{metric}'] == value
+    markdown = (out / 'suite_step_7.md').read_text()
+    for row in table['benchmarks']:
+        assert f'| {row["name"]} | {row["task"]} |' in markdown
+        assert f'{100 * row["headline"]:.2f}%' in markdown
+    assert f'**{100 * table["average"]:.2f}%**' in markdown
+    assert table['robustness'] is None  # no ImageNet in the demo suite
+
+
+def test_suite_names_are_checked():
+    config = tiny_config(suite='demo,imagenet_robustness,cifar100')
+    chosen = benchmarks.resolve(config)
+    assert list(chosen)[:4] == list(benchmarks.SUITES['demo'])
+    assert 'imagenet_r' in chosen and 'cifar100' in chosen
+    with pytest.raises(ValueError, match="'cifar1000' is not a suite"):
+        benchmarks.resolve(tiny_config(suite='cifar1000'))
+    config = tiny_config(suite='mine')
+    with config.unlocked():
+        config.eval.benchmarks.mine = dict(task='zero_shot', dataset='image_folder_classification',
+                                           split='test', path='/data/mine', names='labels_spaces')
+    assert benchmarks.resolve(config)['mine'].path == '/data/mine'
+    with config.unlocked():
+        config.eval.benchmarks.mine = dict(task='zero_shot', dataset='x', split='test',
+                                           sample=3)
+    with pytest.raises(ValueError, match=r"eval.benchmarks.mine: unknown keys \['sample'\]"):
+        benchmarks.resolve(config)
+    with config.unlocked():
+        config.eval.benchmarks.mine = dict(task='classify', dataset='x', split='test')
+    with pytest.raises(ValueError, match=r"mine.task='classify' is not known"):
+        benchmarks.resolve(config)
+
+
+def test_robustness_report_when_imagenet_and_a_shift_are_in_the_suite():
+    report = suite_lib.SuiteReport(rows=[
+        {'name': n, 'task': 'zero_shot', 'data': n, 'headline_metric': 'top1', 'images': 1,
+         'headline': acc, 'metrics': {'top1': acc}}
+        for n, acc in (('imagenet1k', 0.6), ('imagenet_v2', 0.52), ('imagenet_r', 0.7))])
+    # what Suite.run does at its end, on these rows
+    from psd_jax.evaluation import robustness
+    expected = robustness.robustness_report(
+        {'imagenet2012': 0.6, 'imagenet_v2': 0.52, 'imagenet_r': 0.7})
+    report.robustness = expected
+    flat = report.flat()
+    assert flat['eval/robustness/effective_robustness'] == expected['effective_robustness']
+    assert 'Effective robustness' in report.markdown('t')
+
+
+@needs_metadata
+@pytest.mark.parametrize('name', [n for n, b in benchmarks.CATALOG.items()
+                                  if b.dataset.split('/')[0] not in
+                                  ('emoji', 'emoji_styles', 'fashion_mnist_local')])
+def test_catalog_dataset_with_mock_data(name, monkeypatch):
+    """Each catalog benchmark's tfds dataset exists with that config and split, yields images
+    and labels through the input pipeline, and its label count equals its class names'."""
+    import tensorflow_datasets as tfds
+
+    from psd_jax.data import datasets
+    from psd_jax.evaluation.suite import _features
+    bench = benchmarks.CATALOG[name]
+    builder = tfds.builder(bench.dataset)  # a wrong name or config raises here
+    label = builder.info.features['label']
+    names, templates, mapping = prompts.classifier_labels(bench, list(label.names))
+    assert templates and all('{}' in t for t in templates)
+    expected = 200 if bench.names == 'imagenet_subset' else label.num_classes
+    assert len(names) == expected, (name, len(names), label.num_classes)
+    if mapping is not None:
+        assert (mapping >= 0).sum() == 200
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        monkeypatch.setattr(datasets, 'data_source',
+                            lambda n, split, data_dir=None: tfds.data_source(n, split=split))
+        config = tiny_config()
+        source = suite_lib.Suite(config, None, None, None, None).source(bench, bench.split)
+        assert 'label' in _features(source)
+        from psd_jax.data import pipeline
+        record = pipeline.Preprocess(image_size=32, tokenizer=lambda t, n: np.zeros(n, np.int32),
+                                     context_length=4, train=False).random_map(
+            dict(source[0], caption=''), np.random.default_rng(0))
+        assert record['image'].shape == (32, 32, 3) and record['image'].dtype == np.uint8
+
+
+@needs_metadata
+def test_catalog_zero_shot_end_to_end_on_mock_data(model_state, monkeypatch):
+    """CIFAR-100 and Oxford pets through Suite.zero_shot on mocked tfds data: the classifier
+    has the metadata's classes and templates, and accuracies are fractions of the images."""
+    import tensorflow_datasets as tfds
+
+    from psd_jax.data import datasets
+    model, variables, mesh, tokenizer = model_state
+    config = tiny_config(suite='cifar100,pets')
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        monkeypatch.setattr(datasets, 'data_source',
+                            lambda n, split, data_dir=None: tfds.data_source(n, split=split))
+        report = suite_lib.Suite(config, model, variables, mesh, tokenizer).run(
+            benchmarks.resolve(config))
+    assert not report.errors, report.errors
+    assert [r['name'] for r in report.rows] == ['cifar100', 'pets']
+    for row in report.rows:
+        assert row['images'] == 16 and 0 <= row['headline'] <= 1
+        assert row['metrics']['top1'] * 16 == pytest.approx(round(row['metrics']['top1'] * 16))
+
+
+@needs_metadata
+def test_metadata_equals_the_wheels_files():
+    """The extracted names and templates against open_clip's module executed as Python (the
+    extraction parses it without running it) and CLIP_benchmark's JSON read directly."""
+    sources = CACHE / 'zero_shot_sources'
+    namespace: dict = {}
+    exec((sources / 'open_clip' / 'zero_shot_metadata.py').read_text(), namespace)  # noqa: S102
+    names = prompts.classifier_labels(benchmarks.CATALOG['imagenet1k'], None)[0]
+    assert names == list(namespace['IMAGENET_CLASSNAMES'])
+    assert len(names) == 1000 and 'rooster' in names and 'newt' in names
+    templates = prompts.templates(benchmarks.CATALOG['imagenet1k'])
+    assert len(templates) == 80
+    assert [t.format('X') for t in templates] == [
+        f('X') for f in namespace['OPENAI_IMAGENET_TEMPLATES']]
+    cb = json.loads((sources / 'clip_benchmark' / 'datasets' /
+                     'en_zeroshot_classification_templates.json').read_text())
+    cifar = prompts.templates(benchmarks.CATALOG['cifar100'])
+    assert [t.format('X') for t in cifar] == [t.replace('{c}', 'X') for t in cb['cifar100']]
+    assert len(cifar) == 18
+    pets = json.loads((sources / 'clip_benchmark' / 'datasets' / 'en_classnames.json'
+                       ).read_text())['pets']
+    assert prompts.classifier_labels(benchmarks.CATALOG['pets'], None)[0] == pets
+
+
+def test_template_extraction_without_running_code():
+    from psd_jax.data import wheel_metadata
+    source = ("A = ('x',)\nT = (lambda c: f'a {c} with {{braces}}.', lambda c: f'{c}')\n"
+              "IMAGENET_CLASSNAMES = tuple(str(i) for i in range(3))\n")
+    values = wheel_metadata._assignments(source)
+    assert [wheel_metadata._template(t) for t in values['T'].elts] == [
+        'a {} with {{braces}}.', '{}']
+    assert 'a {} with {{braces}}.'.format('cat') == 'a cat with {braces}.'
+    with pytest.raises(ValueError):  # not a literal: refused, never evaluated
+        wheel_metadata.open_clip_metadata(source)
+
+
+def test_missing_metadata_names_the_fetch_command(monkeypatch, tmp_path):
+    monkeypatch.setenv('PSD_JAX_CACHE', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match='python -m psd_jax.data.fetch zero_shot_metadata'):
+        prompts.classifier_labels(benchmarks.CATALOG['imagenet1k'], None)
