@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import warnings
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
-from psd_jax.models import ModelSpec, convert
+from psd_jax.models import ModelSpec, convert, import_checks
 from psd_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 CONFIG_NAME = 'open_clip_config.json'
@@ -25,23 +27,45 @@ WEIGHT_FILES = (WEIGHTS_NAME, 'open_clip_pytorch_model.safetensors', 'model.safe
                 'open_clip_pytorch_model.bin', 'pytorch_model.bin', 'model.pt')
 
 
+def is_torchscript(path: pathlib.Path) -> bool:
+    """Whether a PyTorch file is a TorchScript archive (OpenAI's CLIP releases are): its zip
+    holds code/ and constants.pkl, which a torch.save state dict does not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith('/constants.pkl') for n in archive.namelist())
+
+
 def _torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
         raise ValueError(f'{path}: reading a PyTorch checkpoint needs torch (pip install torch), '
                          'or convert it to .safetensors first') from e
-    try:  # OpenAI's releases are TorchScript archives
-        loaded = torch.jit.load(str(path), map_location='cpu').state_dict()
-    except RuntimeError:
+    if is_torchscript(path):  # OpenAI's releases; torch.jit.load warns that it is deprecated
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            loaded = torch.jit.load(str(path), map_location='cpu').state_dict()
+    else:
         loaded = torch.load(str(path), map_location='cpu', weights_only=True)
     if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
         loaded = loaded['state_dict']  # an open_clip training checkpoint
-    out = {}
-    for key, value in loaded.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
-        out[key] = value.float().numpy() if hasattr(value, 'numpy') else np.asarray(value)
-    return out
+    return {key: value.float().numpy() if hasattr(value, 'numpy') else np.asarray(value)
+            for key, value in loaded.items()}
+
+
+def _refuse_hf_folder(folder: pathlib.Path) -> None:
+    hf_config = folder / 'config.json'
+    if not (folder / CONFIG_NAME).is_file() and hf_config.is_file():
+        try:
+            described = json.loads(hf_config.read_text())
+        except ValueError:
+            return
+        if described.get('model_type') in ('clip', 'siglip') or any(
+                'CLIP' in a for a in described.get('architectures') or ()):
+            raise ValueError(f'{folder}: a Hugging Face transformers CLIP folder is not '
+                             'supported; use the open_clip folder of the same model '
+                             f'({CONFIG_NAME} + {WEIGHTS_NAME})')
 
 
 def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
@@ -51,6 +75,7 @@ def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
     if not path.exists():
         raise FileNotFoundError(f'model.init_from={str(path)!r}: no such file or folder')
     folder = path if path.is_dir() else path.parent
+    _refuse_hf_folder(folder)
     cfg = None
     if (folder / CONFIG_NAME).is_file():
         cfg = json.loads((folder / CONFIG_NAME).read_text()).get('model_cfg')
@@ -67,13 +92,20 @@ def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
     else:
         raise ValueError(f'{path}: unknown weights format {path.suffix!r}; allowed: '
                          '.safetensors, .bin, .pt, .pth, or an open_clip folder')
+    state_dict = import_checks.clean_keys(state_dict)
+    import_checks.check_layout(state_dict, str(path))
     return state_dict, cfg
 
 
-def load(path: str | pathlib.Path, act: str | None = None) -> tuple[dict, ModelSpec]:
+def load(path: str | pathlib.Path, act: str | None = None,
+         heads: tuple[int, int] | None = None) -> tuple[dict, ModelSpec]:
     """({'params', 'batch_stats'} as numpy, the architecture) of a pretrained checkpoint.
-    `act`: the activation when the files do not say (OpenAI's models: quick_gelu); when they
-    do and it differs, a ValueError names both."""
+
+    What the tensors do not say comes from the open_clip config beside them, else from the
+    caller (the run's config), else the import is refused: `act` (model.act) the activation,
+    `heads` (image tower heads, text heads) the attention heads. OpenAI's TorchScript releases
+    are quick_gelu. A config that disagrees with `act` is refused naming both; one whose
+    forward psd_jax does not compute is refused naming the field."""
     import jax
     from flax import linen as nn
 
@@ -81,11 +113,24 @@ def load(path: str | pathlib.Path, act: str | None = None) -> tuple[dict, ModelS
     from psd_jax.models import build_model
 
     state_dict, cfg = read(path)
-    said = None if cfg is None else ('quick_gelu' if cfg.get('quick_gelu') else 'gelu')
+    text_pool = 'argmax'
+    if cfg is not None:
+        text_pool = import_checks.check_model_cfg(cfg, f'{path} ({CONFIG_NAME})')
+        said = 'quick_gelu' if cfg.get('quick_gelu') else 'gelu'
+    elif pathlib.Path(path).is_file() and pathlib.Path(path).suffix in (
+            '.pt', '.pth', '.bin') and is_torchscript(pathlib.Path(path)):
+        said = 'quick_gelu'  # OpenAI's own release: every one of them uses QuickGELU
+    else:
+        said = None
     if said and act and said != act:
         raise ValueError(f'{path} is a model with activation {said!r} (its {CONFIG_NAME}), but '
                          f'{act!r} was asked for (model.act)')
-    spec = convert.infer_spec(state_dict, said or act or 'quick_gelu', cfg)
+    if not (said or act):
+        raise ValueError(
+            f'{path}: nothing says which activation this model uses (no {CONFIG_NAME} beside '
+            "it): set model.act ('quick_gelu' for OpenAI's models and open_clip's -quickgelu "
+            "ones, 'gelu' for most LAION and DataComp ones, as their open_clip config says)")
+    spec = convert.infer_spec(state_dict, said or act, cfg, heads=heads, text_pool=text_pool)
     model = build_model(spec)
     inputs = batch_lib.input_spec(model, 1)
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs['image'],
@@ -130,8 +175,10 @@ def for_config(config: Any, path: str | None = None) -> dict:
     from psd_jax import config as config_lib
 
     path = path or config.model.init_from
-    variables, spec = load(path, act=config.model.act or None)
-    check_matches(spec, config_lib.model_spec(config), path)
+    wanted = config_lib.model_spec(config)
+    heads = (wanted.image.get('heads'), wanted.text_heads)
+    variables, spec = load(path, act=config.model.act or None, heads=heads)
+    check_matches(spec, wanted, path)
     return variables
 
 

@@ -115,8 +115,10 @@ def test_weights_that_do_not_fit_the_config_are_refused_naming_the_fields(tmp_pa
     bare.mkdir()
     save_file(load_file(str(FIXTURE / 'vit' / pretrained.WEIGHTS_NAME)),
               str(bare / 'weights.safetensors'))
-    with pytest.raises(ValueError, match="cannot tell the text tower's attention heads"):
+    with pytest.raises(ValueError, match='nothing says which activation'):
         pretrained.load(bare / 'weights.safetensors')
+    with pytest.raises(ValueError, match='no config gives the attention heads'):
+        pretrained.load(bare / 'weights.safetensors', act='quick_gelu')
     (tmp_path / 'weights.npz').write_bytes(b'')
     with pytest.raises(ValueError, match=r"unknown weights format '.npz'"):
         pretrained.read(tmp_path / 'weights.npz')

@@ -10,8 +10,8 @@ a tensor, has one too many or has a shape the architecture does not take is refu
 
 The architecture is read off the shapes (`infer_spec`): widths, depths, patch size, image
 size, context length, vocabulary and embedding size; heads from an open_clip config beside the
-weights, else width / 64 as in OpenAI's models. The activation is not in the weights either: it
-comes from that config (`quick_gelu`), or the caller.
+weights, else from the run's config (never guessed). The activation is not in the weights
+either: it comes from that config (`quick_gelu`), or the caller (psd_jax/pretrained.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import numpy as np
 
 from psd_jax.models import PRESETS, ModelSpec
 
-IGNORED = re.compile(r'(.*num_batches_tracked|input_resolution|context_length|vocab_size)$')
+IGNORED = re.compile(r'(.*num_batches_tracked|input_resolution|context_length|vocab_size|'
+                     r'(.*\.)?attn_mask)$')
 HEAD_WIDTH = 64  # every CLIP model's attention head width
 
 
@@ -130,13 +131,21 @@ def _heads(tower: str, width: int, head_width: int) -> int:
     return width // head_width
 
 
-def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
-               model_cfg: Mapping[str, Any] | None = None) -> ModelSpec:
+def infer_spec(state_dict: Mapping[str, Any], act: str,
+               model_cfg: Mapping[str, Any] | None = None,
+               heads: tuple[int | None, int | None] | None = None,
+               text_pool: str = 'argmax') -> ModelSpec:
     """The architecture of a CLIP state dict, read off its tensors' shapes; the head counts
-    from open_clip's `model_cfg` when given (its vision head_width, its text heads), else
-    width / 64."""
+    from open_clip's `model_cfg` when given (its vision head_width, its text heads), else from
+    `heads` (image, text: the run's config), else refused naming what to give (never guessed:
+    ViT-H-14, g-14 and bigG-14 do not use 64-wide heads)."""
     vision_cfg, text_cfg = (model_cfg or {}).get('vision_cfg', {}), (model_cfg or {}).get(
         'text_cfg', {})
+    image_heads, text_heads = heads or (None, None)
+    if model_cfg is None and not (image_heads and text_heads):
+        raise ValueError('the weights have no open_clip_config.json beside them and no config '
+                         'gives the attention heads: put the model\'s open_clip_config.json '
+                         'beside the weights, or pass the heads (model.preset names them)')
     head_width = vision_cfg.get('head_width') or HEAD_WIDTH
     shape = lambda key: tuple(np.shape(state_dict[key]))  # noqa: E731
     for key in ('token_embedding.weight', 'positional_embedding', 'text_projection'):
@@ -144,8 +153,9 @@ def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
             raise ValueError(f'not a CLIP state dict: no {key!r} (has e.g. '
                              f'{sorted(state_dict)[:5]})')
     vocab, text_width = shape('token_embedding.weight')
-    text = dict(vocab_size=vocab, text_width=text_width,
-                text_heads=text_cfg.get('heads') or _heads('text', text_width, HEAD_WIDTH),
+    text = dict(vocab_size=vocab, text_width=text_width, text_pool=text_pool,
+                text_heads=(text_cfg.get('heads') if model_cfg is not None else text_heads)
+                or _heads('text', text_width, HEAD_WIDTH),
                 context_length=shape('positional_embedding')[0],
                 text_depth=_count(state_dict, r'transformer\.resblocks\.(\d+)\.'),
                 embed_dim=shape('text_projection')[1], act=act)
@@ -153,7 +163,8 @@ def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
         width, _, patch, _ = shape('visual.conv1.weight')
         grid = math.isqrt(shape('visual.positional_embedding')[0] - 1)
         image = dict(kind='vit', patch_size=patch, width=width,
-                     heads=_heads('image', width, head_width),
+                     heads=(_heads('image', width, head_width) if model_cfg is not None
+                            else image_heads),
                      depth=_count(state_dict, r'visual\.transformer\.resblocks\.(\d+)\.'))
         return ModelSpec(image_size=grid * patch, image=image, **text)
     if 'visual.layer1.0.conv1.weight' in state_dict:
@@ -161,7 +172,7 @@ def infer_spec(state_dict: Mapping[str, Any], act: str = 'quick_gelu',
         layers = tuple(_count(state_dict, rf'visual\.layer{s}\.(\d+)\.') for s in (1, 2, 3, 4))
         grid = math.isqrt(shape('visual.attnpool.positional_embedding')[0] - 1)
         image = dict(kind='resnet', layers=layers, width=width,
-                     heads=width * 32 // head_width)
+                     heads=(width * 32 // head_width if model_cfg is not None else image_heads))
         return ModelSpec(image_size=grid * 32, image=image, **text)
     raise ValueError('not a CLIP state dict: its image tower is neither a ViT '
                      "('visual.class_embedding') nor a ModifiedResNet ('visual.layer1.0...')")
@@ -253,6 +264,10 @@ def open_clip_config(spec: ModelSpec) -> dict:
     else:
         vision = {'image_size': spec.image_size, 'layers': list(image['layers']),
                   'width': image['width'], 'patch_size': None}
+    if spec.text_pool != 'argmax':
+        raise ValueError(f'text pooling {spec.text_pool!r} has no open_clip equivalent (its '
+                         "'last' reads the last position, not the last token); open_clip models "
+                         "pool with 'argmax'")
     if spec.act not in ('quick_gelu', 'gelu'):
         raise ValueError(f'activation {spec.act!r} has no open_clip equivalent; open_clip '
                          "models use 'quick_gelu' or exact 'gelu'")
