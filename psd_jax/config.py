@@ -262,6 +262,33 @@ def check_own_data(config: ml_collections.ConfigDict) -> None:
                '(val/ is called validation)')
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A config from its JSON record (a run's config.json): base_config() with every saved
+    value (lists back to tuples where the base holds tuples), validated; keys base_config()
+    no longer has are refused by name."""
+    config = base_config()
+
+    def merge(into: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if key not in into:
+                if isinstance(into, ml_collections.ConfigDict) and prefix == 'eval.benchmarks.':
+                    into[key] = value  # a run's own benchmark entries
+                    continue
+                raise ValueError(f'the saved config has {prefix}{key}, which this version of '
+                                 'psd_jax does not know')
+            current = into[key]
+            if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+                merge(current, value, f'{prefix}{key}.')
+            else:
+                into[key] = tuple(value) if isinstance(current, tuple) and isinstance(
+                    value, list) else value
+
+    with config.unlocked():
+        merge(config, saved, '')
+    validate(config)
+    return config
+
+
 def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
     overrides = {'image_size': config.model.image_size, 'vocab_size': config.model.vocab_size,
                  'context_length': config.model.context_length,

@@ -1,10 +1,14 @@
-"""Export a checkpoint to open_clip: python -m psd_jax.export --config C --workdir W --out DIR
+"""Export a checkpoint to open_clip: python -m psd_jax.export --workdir W --out DIR
 
-Restores the latest (or `--step`) checkpoint of the run in W and writes DIR as an open_clip
+Reads the run's own config (W/config.json, written at its start: the model, with every
+`--config.model.*` flag the run was given), restores the latest (or `--step`) checkpoint of the
+run in W and writes DIR as an open_clip
 folder: `open_clip_model.safetensors` (PyTorch layouts) and `open_clip_config.json` (the model
 config and CLIP's preprocessing), which open_clip loads with
 `open_clip.create_model_and_transforms('local-dir:DIR')` and psd_jax with
-`--config.model.init_from=DIR`. Tools such as CLIP_benchmark take it from there.
+`--config.model.init_from=DIR`. Tools such as CLIP_benchmark take it from there. A `--config`
+given as well is checked against the run's: the first model key that differs is named,
+in one line, and nothing is written. The files are readable as the rest of DIR is.
 """
 
 from __future__ import annotations
@@ -15,12 +19,42 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Optional: the experiment config, checked '
+                                "against the run's own config.json.", lock_config=True)
 flags.DEFINE_string('workdir', None, 'The run directory holding checkpoints/.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
 flags.DEFINE_string('out', None, 'The open_clip folder to write.')
-flags.mark_flags_as_required(['config', 'workdir', 'out'])
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def run_config(workdir: str, given=None):
+    """The run's config from <workdir>/config.json; `given` (a config from the command line)
+    must agree with it on every key that defines what is exported: the model (but for how it
+    is computed or where it started: psd_jax/resume.py's MAY_CHANGE, model.init_from) and
+    loss.kind."""
+    import json
+
+    from etils import epath
+
+    from psd_jax import config as config_lib, resume
+
+    path = epath.Path(workdir) / 'config.json'
+    if not path.exists():
+        raise FileNotFoundError(f'{path} is missing: export reads the run\'s config from its '
+                                'workdir (is this the workdir of a run?)')
+    saved = json.loads(path.read_text())
+    config = config_lib.from_saved(saved)
+    if given is not None:
+        ours, theirs = resume.flatten(given.to_dict()), resume.flatten(saved)
+        for key in sorted(set(ours) | set(theirs)):
+            defines = (key.startswith('model.') and key != 'model.init_from'
+                       and not resume.may_change(key)) or key == 'loss.kind'
+            if not defines or ours.get(key) == theirs.get(key):
+                continue
+            raise ValueError(f'--config differs from the run\'s {path} at {key}: '
+                             f'{ours.get(key)!r} given, {theirs.get(key)!r} in the run; leave '
+                             '--config out to export with the run\'s own config')
+    return config
 
 
 def export(config, workdir: str, out: str, step_number: int | None = None) -> str:
@@ -48,7 +82,8 @@ def main(argv) -> None:
     from psd_jax.cli import quiet_libraries
     quiet_libraries()
     try:
-        print(export(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.step))
+        config = run_config(FLAGS.workdir, FLAGS.config)
+        print(export(config, FLAGS.workdir, FLAGS.out, FLAGS.step))
     except (ValueError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

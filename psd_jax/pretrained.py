@@ -166,6 +166,9 @@ def write_open_clip(folder: str | pathlib.Path, variables: Mapping[str, Any],
                   'resize_mode': 'shortest'}
     (folder / CONFIG_NAME).write_text(json.dumps(
         {'model_cfg': convert.open_clip_config(spec), 'preprocess_cfg': preprocess}, indent=1))
+    readable = folder.stat().st_mode & 0o666  # as the folder is (safetensors writes 0600)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        (folder / name).chmod(readable | 0o600)
     return folder
 
 
