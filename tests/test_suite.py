@@ -5,6 +5,7 @@ field's class names and templates against the wheels' own files."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -313,3 +314,43 @@ def test_suite_in_the_loop_and_standalone(tmp_path):
             assert by_name[row['name']][metric] == pytest.approx(value, abs=1e-6)
     printed = json.loads(result.stdout)
     assert printed['eval/suite/average'] == pytest.approx(alone['average'])
+
+
+@needs_metadata
+@pytest.mark.skipif(not (importlib.util.find_spec('torch') and importlib.util.find_spec(
+    'open_clip')), reason='torch and open_clip are not installed (optional: the metadata test '
+                          'above checks the names and templates against the wheel\'s files)')
+def test_zero_shot_classifier_equals_open_clips(tmp_path):
+    """Same weights, same names and templates: psd_jax's ImageNet classifier equals
+    open_clip.build_zero_shot_classifier's within float32 rounding."""
+    import open_clip
+    import torch
+
+    from psd_jax import pretrained
+    from psd_jax.data.tokenizers import ClipTokenizer
+    from psd_jax.evaluation.zero_shot import class_embeddings
+    from psd_jax.models import build_model
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    bench = benchmarks.CATALOG['imagenet1k']
+    names, templates, _ = prompts.classifier_labels(bench, None)
+    assert names == list(IMAGENET_CLASSNAMES)
+    assert [t.format('x') for t in templates] == [f('x') for f in OPENAI_IMAGENET_TEMPLATES]
+    torch.manual_seed(0)
+    model = open_clip.create_model('ViT-B-32-quickgelu').eval()
+    path = tmp_path / 'model.bin'
+    torch.save(model.state_dict(), path)
+    chosen = list(np.random.default_rng().choice(1000, 16, replace=False))
+    with torch.no_grad():
+        want = open_clip.build_zero_shot_classifier(
+            model, open_clip.get_tokenizer('ViT-B-32'), [names[i] for i in chosen],
+            OPENAI_IMAGENET_TEMPLATES, num_classes_per_batch=4, device='cpu').numpy().T
+    variables, spec = pretrained.load(path, act='quick_gelu', heads=(12, 8))
+    psd = build_model(spec)
+    mesh = sharding.make_mesh({'data': 8})
+    got = class_embeddings(psd, {'params': variables['params']},
+                           ClipTokenizer(fetch.clip_vocab(), 77), [names[i] for i in chosen],
+                           templates, mesh, 256, 77)
+    assert got.shape == want.shape == (16, 512)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    print('max abs difference', np.abs(got - want).max())
