@@ -191,3 +191,23 @@ def test_export_reads_the_runs_config_and_writes_readable_files(tmp_path):
         mode = (out / name).stat().st_mode
         assert mode & 0o044 == out.stat().st_mode & 0o044, (name, oct(mode))
     assert (out / pretrained.WEIGHTS_NAME).stat().st_mode & 0o004  # readable by others
+
+
+@pytest.mark.skipif(not (importlib.util.find_spec('torch') and importlib.util.find_spec(
+    'open_clip')), reason='torch and open_clip are not installed (a scripted model needs both)')
+def test_a_scripted_open_clip_model_loads_quietly(tmp_path):
+    """A TorchScript archive (the format of OpenAI's releases) with open_clip's attn_mask
+    buffer: imported as QuickGELU, the mask ignored, no torch warning."""
+    import open_clip
+    import torch
+    model = open_clip.create_model('ViT-B-32-quickgelu', jit=True).eval()
+    path = tmp_path / 'ViT-B-32.pt'
+    torch.jit.save(model, str(path))
+    assert pretrained.is_torchscript(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        variables, spec = pretrained.load(path, heads=(12, 8))
+    assert spec.act == 'quick_gelu'
+    np.testing.assert_array_equal(
+        variables['params']['text_tower']['token_embedding']['embedding'],
+        model.state_dict()['token_embedding.weight'].numpy())

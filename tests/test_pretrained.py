@@ -197,7 +197,7 @@ def test_a_live_open_clip_model_converts_and_loads_back(tmp_path):
                 tensor.add_(0.01 * torch.randn_like(tensor))
     torch_path = tmp_path / 'model.bin'
     torch.save(model.state_dict(), torch_path)
-    variables, spec = pretrained.load(torch_path, act='quick_gelu')
+    variables, spec = pretrained.load(torch_path, act='quick_gelu', heads=(12, 8))
     assert convert.preset_name(spec) == 'ViT-B/32'
     tokens = open_clip.get_tokenizer('ViT-B-32')(['a photo of a cat', 'a dog'])
     with torch.no_grad():
