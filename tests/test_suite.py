@@ -354,3 +354,59 @@ def test_zero_shot_classifier_equals_open_clips(tmp_path):
     assert got.shape == want.shape == (16, 512)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
     print('max abs difference', np.abs(got - want).max())
+
+
+@needs_data
+@needs_metadata
+def test_retrieval_with_several_captions_per_image(model_state, tmp_path):
+    """COCO / Flickr30k style: each image's KEY.txt holds several captions, one per line
+    (here real emoji art with its name and its keywords, one per line). The suite's numbers
+    equal retrieval computed from the model applied directly to the open_clip view of each
+    image and to each line's tokens."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from psd_jax.data import transforms
+    from psd_jax.data.emoji import load_metadata
+    from psd_jax.evaluation.retrieval import caption_groups, retrieval_metrics
+    model, variables, mesh, tokenizer = model_state
+    sources = CACHE / 'emoji_sources'
+    entries = [e for e in load_metadata(sources)[0] if len(e['keywords']) >= 2][:48]
+    folder = sources / 'emoji-datasource-twitter' / 'package' / 'img' / 'twitter' / '64'
+    root = tmp_path / 'shards' / 'test'
+    root.mkdir(parents=True)
+    images, lines_of = [], []
+    with tarfile.open(root / '00000.tar', 'w') as tar:
+        for i, e in enumerate(entries):
+            lines = [e['label']] + e['keywords'][:2]
+            for suffix, data in (('.png', (folder / e['image']).read_bytes()),
+                                 ('.txt', '\n'.join(lines).encode())):
+                info = tarfile.TarInfo(f'{i:04d}{suffix}')
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            images.append(transforms.eval_view((folder / e['image']).read_bytes(), 32))
+            lines_of.append(lines)
+    config = tiny_config(suite='lines')
+    with config.unlocked():
+        config.eval.benchmarks.lines = dict(
+            task='retrieval', dataset='image_text_shards', builder_config='emoji_lines',
+            path=str(tmp_path / 'shards'), split='test', caption_lines=True)
+        config.data.data_dir = str(tmp_path / 'tfds')
+    report = suite_lib.Suite(config, model, variables, mesh, tokenizer).run(
+        benchmarks.resolve(config))
+    assert not report.errors, report.errors
+    got = report.rows[0]['metrics']
+    # the same numbers, straight from the model
+    params = {'params': variables['params']}
+    image_emb = np.asarray(model.apply(params, np.stack(images), method=model.encode_image))
+    captions = [line for lines in lines_of for line in lines]
+    owner = np.repeat(np.arange(len(entries)), [len(lines) for lines in lines_of])
+    text_emb = np.asarray(model.apply(params, np.asarray(tokenizer(captions, 16)),
+                                      method=model.encode_text))
+    want = retrieval_metrics(image_emb, text_emb, text_to_image=owner,
+                             text_group=caption_groups(captions))
+    assert report.rows[0]['images'] == len(entries) and len(captions) == 3 * len(entries)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key

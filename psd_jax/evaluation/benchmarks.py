@@ -6,7 +6,9 @@ them (ImageNet-1k and its distribution shifts, the CLIP_benchmark / VTAB classif
 tfds has) and the project's real sets (emoji, emoji_styles, Fashion-MNIST). `SUITES` groups
 them. A config evaluates `eval.suite`: a comma-separated list of suite names, catalog names and
 names of the config's own `eval.benchmarks` entries (for Flickr30k, ObjectNet or one's own
-data through `image_text_shards` / `image_folder_classification`):
+data through `image_text_shards` / `image_folder_classification`; for COCO / Flickr30k
+retrieval write each image's five captions as five lines of its KEY.txt and set
+`caption_lines=True`):
 
     config.eval.suite = 'imagenet_robustness,cifar100,mine'
     config.eval.benchmarks.mine = dict(task='zero_shot', dataset='image_folder_classification',
@@ -36,7 +38,9 @@ class Benchmark:
     """One evaluation: `task` on `split` of `dataset` (a tfds name, 'name/config' allowed, or a
     project builder with `builder_config` and `path`). Zero-shot: class names and templates
     from `names` / `templates`; linear probe: fitted on `train_split` (at most
-    `probe_examples` images; 0: eval.probe_examples), scored on `split`."""
+    `probe_examples` images; 0: eval.probe_examples), scored on `split`. Retrieval with
+    `caption_lines`: a record's caption holds one caption per line (COCO and Flickr30k's
+    Karpathy test sets: five per image), all of them captions of its one image."""
     task: str
     dataset: str
     split: str
@@ -46,6 +50,7 @@ class Benchmark:
     path: str = ''
     train_split: str = 'train'
     probe_examples: int = 0
+    caption_lines: bool = False  # retrieval: each line of a caption is one caption of the image
 
     def data_key(self, split: str | None = None) -> tuple[str, str, str, str]:
         """What identifies the images of a split: benchmarks that share it embed it once."""

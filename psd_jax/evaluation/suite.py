@@ -24,9 +24,9 @@ from psd_jax.data.from_config import eval_loader, open_split
 from psd_jax.data.pipeline import Subset
 from psd_jax.evaluation import prompts, robustness
 from psd_jax.evaluation.benchmarks import IMAGENET_SHIFTS, Benchmark
-from psd_jax.evaluation.embed import embed_batches
+from psd_jax.evaluation.embed import embed_batches, embed_tokens
 from psd_jax.evaluation.linear_probe import linear_probe
-from psd_jax.evaluation.retrieval import retrieval_metrics
+from psd_jax.evaluation.retrieval import caption_groups, retrieval_metrics
 from psd_jax.evaluation.zero_shot import class_embeddings, zero_shot_metrics
 
 HEADLINE = {'zero_shot': 'top1', 'retrieval': 'mean_R@1', 'linear_probe': 'accuracy'}
@@ -155,8 +155,24 @@ class Suite:
         return {k: v for k, v in result.items() if k != 'per_class'}, len(labels)
 
     def retrieval(self, bench: Benchmark) -> tuple[dict, int]:
-        emb, _ = self.embedded(bench, bench.split)
-        result = retrieval_metrics(emb['image'], emb['text'], text_group=emb.get('caption_id'))
+        emb, source = self.embedded(bench, bench.split)
+        if bench.caption_lines:  # several captions per image, one per line
+            captions, owner = [], []
+            for i in range(len(source)):
+                text = source[i]['caption']
+                lines = [line.strip() for line in (text.decode('utf-8') if isinstance(
+                    text, bytes) else str(text)).splitlines() if line.strip()]
+                captions += lines
+                owner += [i] * len(lines)
+            tokens = np.asarray(self.tokenizer(captions, self.config.model.context_length))
+            texts = embed_tokens(self.model, self.variables, tokens, self.mesh,
+                                 self.config.eval.batch)
+            check_finite({'text': texts}, f'{bench.dataset} split {bench.split!r} captions')
+            result = retrieval_metrics(emb['image'], texts, text_to_image=np.asarray(owner),
+                                       text_group=caption_groups(captions))
+        else:
+            result = retrieval_metrics(emb['image'], emb['text'],
+                                       text_group=emb.get('caption_id'))
         result['mean_R@1'] = (result['i2t_R@1'] + result['t2i_R@1']) / 2
         return result, len(emb['image'])
 
