@@ -1,18 +1,13 @@
 """The importer refuses what it cannot import faithfully, naming why (psd_jax/models/
 import_checks.py, psd_jax/pretrained.py): bare weights without an activation or heads, open_clip
 configs whose forward psd_jax does not compute, layouts that are not open_clip's CLIP; wrapper
-prefixes and mask buffers are stripped; export reads the run's own config and writes files
-others can read."""
+prefixes and mask buffers are stripped (export: tests/test_run_outputs.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
-import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -149,48 +144,6 @@ def test_an_ordinary_bin_loads_without_torch_warnings(tmp_path):
         warnings.simplefilter('error')  # any warning (torch.jit.load's deprecation) fails
         variables, _ = pretrained.load(path, act='quick_gelu', heads=(2, 2))
     assert 'logit_scale' in variables['params']
-
-
-HAVE_EMOJI = (pathlib.Path(os.environ.get('PSD_JAX_CACHE', pathlib.Path.home() / '.cache' /
-                                          'psd_jax')) / 'emoji_sources' / '.complete').exists()
-
-
-@pytest.mark.skipif(not HAVE_EMOJI, reason='emoji data absent: run `python -m psd_jax.data.fetch`')
-def test_export_reads_the_runs_config_and_writes_readable_files(tmp_path):
-    """A run made with --config.model.* flags exports without repeating them; a --config that
-    disagrees is refused in one line naming the key; the files are readable by others."""
-    from conftest import with_compile_cache
-    root = pathlib.Path(__file__).resolve().parents[1]
-    config = str(root / 'configs' / 'tiny_test.py')
-    env = with_compile_cache(dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
-        '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')))
-    workdir, out = tmp_path / 'run', tmp_path / 'exported'
-    flags = ['--config.model.embed_dim=48', '--config.model.act=gelu']
-    trained = subprocess.run(
-        [sys.executable, '-m', 'psd_jax.main', f'--config={config}', f'--workdir={workdir}',
-         '--config.train.steps=2', '--config.eval.evaluators=()',
-         '--config.metrics.tensorboard=False', *flags],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    refused = subprocess.run([sys.executable, '-m', 'psd_jax.export', f'--config={config}',
-                              f'--workdir={workdir}', f'--out={out}'],
-                             env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2
-    error = [line for line in refused.stderr.splitlines() if line.startswith('error:')]
-    assert len(error) == 1 and 'model.act' in error[0] and "'gelu' in the run" in error[0], (
-        refused.stderr[-2000:])
-    assert len(refused.stderr) < 2000  # one line, not a tree-mismatch dump
-    assert not out.exists()
-    exported = subprocess.run([sys.executable, '-m', 'psd_jax.export', f'--workdir={workdir}',
-                               f'--out={out}'], env=env, capture_output=True, text=True,
-                              timeout=300)
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    cfg = json.loads((out / pretrained.CONFIG_NAME).read_text())['model_cfg']
-    assert cfg['embed_dim'] == 48 and cfg['quick_gelu'] is False
-    for name in (pretrained.WEIGHTS_NAME, pretrained.CONFIG_NAME):
-        mode = (out / name).stat().st_mode
-        assert mode & 0o044 == out.stat().st_mode & 0o044, (name, oct(mode))
-    assert (out / pretrained.WEIGHTS_NAME).stat().st_mode & 0o004  # readable by others
 
 
 @pytest.mark.skipif(not (importlib.util.find_spec('torch') and importlib.util.find_spec(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import jax
@@ -277,45 +276,6 @@ def test_missing_metadata_names_the_fetch_command(monkeypatch, tmp_path):
         prompts.classifier_labels(benchmarks.CATALOG['imagenet1k'], None)
 
 
-@needs_data
-@needs_metadata
-def test_suite_in_the_loop_and_standalone(tmp_path):
-    """A run with eval.suite writes the table at its end; `python -m psd_jax.evaluate --suite`
-    on its checkpoint writes the same numbers."""
-    import subprocess
-    import sys
-
-    from conftest import with_compile_cache
-    workdir = tmp_path / 'run'
-    env = with_compile_cache(dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
-        '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')))
-    common = [f'--config={ROOT / "configs" / "tiny_test.py"}', f'--workdir={workdir}',
-              '--config.metrics.tensorboard=False']
-    result = subprocess.run([sys.executable, '-m', 'psd_jax.main', *common,
-                             '--config.train.steps=2', '--config.eval.evaluators=()',
-                             '--config.eval.suite=emoji,emoji_styles'],
-                            env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    in_loop = json.loads((workdir / 'eval' / 'suite_step_2.json').read_text())
-    assert [b['name'] for b in in_loop['benchmarks']] == ['emoji', 'emoji_styles']
-    final = json.loads((workdir / 'final_metrics.json').read_text())
-    assert final['eval/suite/average'] == in_loop['average']
-    assert 'eval/suite/average' in result.stderr  # the console line carries the average
-    (workdir / 'eval' / 'suite_step_2.json').rename(workdir / 'in_loop.json')
-    result = subprocess.run([sys.executable, '-m', 'psd_jax.evaluate', *common,
-                             '--suite=emoji_styles,emoji'],
-                            env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    alone = json.loads((workdir / 'eval' / 'suite_step_2.json').read_text())
-    assert [b['name'] for b in alone['benchmarks']] == ['emoji_styles', 'emoji']
-    by_name = {b['name']: b['metrics'] for b in alone['benchmarks']}
-    for row in in_loop['benchmarks']:
-        for metric, value in row['metrics'].items():
-            assert by_name[row['name']][metric] == pytest.approx(value, abs=1e-6)
-    printed = json.loads(result.stdout)
-    assert printed['eval/suite/average'] == pytest.approx(alone['average'])
-
-
 @needs_metadata
 @pytest.mark.skipif(not (importlib.util.find_spec('torch') and importlib.util.find_spec(
     'open_clip')), reason='torch and open_clip are not installed (optional: the metadata test '
@@ -365,8 +325,6 @@ def test_retrieval_with_several_captions_per_image(model_state, tmp_path):
     image and to each line's tokens."""
     import io
     import tarfile
-
-    from PIL import Image
 
     from psd_jax.data import transforms
     from psd_jax.data.emoji import load_metadata
