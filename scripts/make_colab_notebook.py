@@ -58,6 +58,7 @@ plt.show()""")
 md("## What the model retrieves for held-out emoji")
 code("""import numpy as np
 from psd_jax import checkpointing, config as config_lib, sharding, step
+from psd_jax.data import transforms
 from psd_jax.data.from_config import eval_loader, make_tokenizer, open_split
 from psd_jax.evaluation.embed import embed_batches
 
@@ -75,7 +76,7 @@ picks = np.random.default_rng(0).choice(len(source), 6, replace=False)
 scores = emb['image'][picks] @ emb['text'].T
 fig, axes = plt.subplots(1, 6, figsize=(18, 4))
 for ax, i, row in zip(axes, picks, scores):
-    ax.imshow(source[int(i)]['image']); ax.axis('off')
+    ax.imshow(transforms.decode(source[int(i)]['image'])); ax.axis('off')
     top = [captions[j] for j in np.argsort(-row)[:3]]
     ax.set_title(f'true: {captions[i]}\\n' + '\\n'.join(f'{k + 1}. {t}' for k, t in enumerate(top)), fontsize=8)
 plt.show()""")

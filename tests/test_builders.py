@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from psd_jax.data import builders, pipeline
+from psd_jax.data import builders, datasets, pipeline, transforms
 from psd_jax.data.fashion_mnist import FashionMnistLocal, FashionMnistConfig, CLASS_NAMES
 
 
@@ -50,12 +50,12 @@ def shards(tmp_path_factory):
         good['train'] += 6
         add(tar, '00006.jpg', image_bytes(rng)[:200])  # truncated JPEG
         add(tar, '00006.txt', b'a broken picture')
-        add(tar, '00007.png', image_bytes(rng, 'PNG', 'RGBA'))  # alpha: re-encoded to RGB
+        add(tar, '00007.png', image_bytes(rng, 'PNG', 'RGBA'))  # alpha: kept as it is
         add(tar, '00007.txt', b'   ')  # empty caption
         add(tar, '00008.txt', b'a caption without its image')
     with tarfile.open(root / 'train' / '00001.tar', 'w') as tar:
         for i in range(5):
-            add(tar, f'{i:05d}.png', image_bytes(rng, 'PNG', 'L'))  # grey: re-encoded to RGB
+            add(tar, f'{i:05d}.png', image_bytes(rng, 'PNG', 'L'))  # grey: kept as it is
             add(tar, f'{i:05d}.txt', f'grey picture {i}'.encode())
         good['train'] += 5
         add(tar, '00005.jpg', b'this is not an image')
@@ -88,9 +88,13 @@ def test_image_text_shards_skip_and_count(shards, tmp_path):
     # the counts are stored with the dataset and come back when it is read again
     reread = tfds.builder('image_text_shards/tiny', data_dir=str(tmp_path))
     assert reread.info.metadata['skipped']['train']['undecodable_image'] == 2
-    source = tfds.data_source('image_text_shards/tiny', split='train', data_dir=str(tmp_path))
+    source = datasets.data_source('image_text_shards/tiny', 'train', str(tmp_path))
     records = [source[i] for i in range(len(source))]
-    assert all(r['image'].ndim == 3 and r['image'].shape[2] == 3 for r in records)
+    # stored as they came (open_clip's eval transform resamples in the source mode); every one
+    # decodes, and the pipeline's views are RGB
+    modes = {transforms.decode(r['image']).mode for r in records}
+    assert {'RGB', 'L'} <= modes
+    assert all(transforms.eval_view(r['image'], 16).shape == (16, 16, 3) for r in records)
     captions = sorted(r['caption'].decode() for r in records)
     assert captions[0] == 'a photo number 0' and 'garbage' not in captions
     urls = [json.loads(r['json'].decode()).get('url') for r in records]
@@ -225,8 +229,8 @@ def test_image_folder_classification(tmp_path):
     assert builder.info.splits['test'].num_examples == 6
     assert builder.info.features['label'].names == ['golden_retriever', 'red_apple', 'tabby_cat']
     assert builder.info.metadata['skipped']['train'] == {'undecodable_image': 1}
-    source = tfds.data_source('image_folder_classification/tree', split='test',
-                              data_dir=str(tmp_path / 'out'))
+    source = datasets.data_source('image_folder_classification/tree', 'test',
+                                  str(tmp_path / 'out'))
     labels = sorted(int(source[i]['label']) for i in range(len(source)))
     assert labels == [0, 0, 1, 1, 2, 2]
     captions = {source[i]['caption'].decode() for i in range(len(source))}
@@ -287,7 +291,7 @@ def shard_source(shards, tmp_path_factory):
     builders.ImageTextShards(config=builders.ImageTextShardsConfig(name='grain', path=str(root)),
                              data_dir=str(data_dir)).download_and_prepare(
         file_format='array_record')
-    return tfds.data_source('image_text_shards/grain', split='train', data_dir=str(data_dir))
+    return datasets.data_source('image_text_shards/grain', 'train', str(data_dir))
 
 
 @pytest.mark.parametrize('workers', [1, 2])

@@ -79,8 +79,8 @@ def source(emoji_dir, split='google'):
 def test_emoji_dataset_has_both_styles_with_names_and_groups(emoji_dir):
     google, twitter = source(emoji_dir, 'google'), source(emoji_dir, 'twitter')
     assert len(google) == len(twitter) == 1911
-    record = google[0]
-    assert record['image'].shape == (64, 64, 3) and record['image'].dtype == np.uint8
+    pixels = np.asarray(transforms.decode(google[0]['image']))  # stored PNG bytes
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
     captions = {google[i]['caption'] for i in range(0, 1911, 7)}
     assert b'grinning face' in {google[i]['caption'] for i in range(len(google))}
     assert all(c for c in captions)
@@ -110,10 +110,11 @@ def test_emoji_styles_gives_each_name_two_training_artists_and_a_held_out_third(
         assert drawn['caption'] == google['caption'] == twitter['caption'] == (
             emoji[hexcode]['caption'])
         assert drawn['label'] == google['label'] == emoji[hexcode]['label']
-        assert (google['image'] == emoji[hexcode]['image']).all()
-        image = drawn['image'].astype(np.float32)  # rendered from SVG: a drawing on white,
-        assert drawn['image'].shape == (64, 64, 3) and image.std() > 20  # not the others'
-        assert (image[0, 0] == 255).all() and np.abs(image - google['image']).mean() > 10
+        assert google['image'] == emoji[hexcode]['image']  # the same PNG bytes
+        image = np.asarray(transforms.decode(drawn['image']), np.float32)  # rendered from SVG:
+        assert image.shape == (64, 64, 3) and image.std() > 20  # a drawing on white, not the
+        google_pixels = np.asarray(transforms.decode(google['image']), np.float32)  # others'
+        assert (image[0, 0] == 255).all() and np.abs(image - google_pixels).mean() > 10
 
 
 def test_the_opencv_advice_is_dropped_and_other_warnings_kept():

@@ -1,11 +1,10 @@
 """The benchmark suite on real data: emoji (zero-shot), emoji_styles (retrieval), Fashion-MNIST
 (zero-shot and linear probe), against the single evaluators run alone; each split embedded
-once; the table and JSON; the catalog's tfds datasets through tfds.testing.mock_data; the
-field's class names and templates against the wheels' own files."""
+once; the table and JSON; the catalog's tfds datasets through tfds.testing.mock_data; several
+captions per image. (The field's names and templates: tests/test_zero_shot_metadata.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -180,140 +179,92 @@ def test_robustness_report_when_imagenet_and_a_shift_are_in_the_suite():
     assert 'Effective robustness' in report.markdown('t')
 
 
+def split_in_builder_code(builder, split: str) -> bool:
+    """Whether the builder's own code makes the split (tfds keeps split sizes in metadata it
+    downloads; the split names are in the builder's _split_generators)."""
+    import inspect
+    source = inspect.getsource(type(builder)._split_generators)
+    base = split.split('[')[0]
+    return any(t in source for t in (f"'{base}'", f'"{base}"', f'Split.{base.upper()}'))
+
+
 @needs_metadata
 @pytest.mark.parametrize('name', [n for n, b in benchmarks.CATALOG.items()
                                   if b.dataset.split('/')[0] not in
                                   ('emoji', 'emoji_styles', 'fashion_mnist_local')])
 def test_catalog_dataset_with_mock_data(name, monkeypatch):
-    """Each catalog benchmark's tfds dataset exists with that config and split, yields images
-    and labels through the input pipeline, and its label count equals its class names'."""
+    """Each catalog benchmark's tfds dataset exists with that config, makes that split, yields
+    images and labels through the input pipeline, and its label count equals its class
+    names'."""
     import tensorflow_datasets as tfds
 
-    from psd_jax.data import datasets
-    from psd_jax.evaluation.suite import _features
+    from psd_jax.data import datasets, pipeline
+    from psd_jax.evaluation.suite import _features, label_names
     bench = benchmarks.CATALOG[name]
     builder = tfds.builder(bench.dataset)  # a wrong name or config raises here
-    label = builder.info.features['label']
-    names, templates, mapping = prompts.classifier_labels(bench, list(label.names))
+    assert split_in_builder_code(builder, bench.split), bench.split
+    assert not split_in_builder_code(builder, 'no_such_split')  # the check can fail
+    features = dict(builder.info.features)
+    key = bench.multilabel or 'label'
+    names, templates, mapping = prompts.classifier_labels(bench, label_names(features, bench))
     assert templates and all('{}' in t for t in templates)
-    expected = 200 if bench.names == 'imagenet_subset' else label.num_classes
-    assert len(names) == expected, (name, len(names), label.num_classes)
+    count = len(label_names(features, bench))
+    expected = 200 if bench.names == 'imagenet_subset' else count
+    assert len(names) == expected, (name, len(names), count)
     if mapping is not None:
         assert (mapping >= 0).sum() == 200
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         monkeypatch.setattr(datasets, 'data_source',
                             lambda n, split, data_dir=None: tfds.data_source(n, split=split))
-        config = tiny_config()
-        source = suite_lib.Suite(config, None, None, None, None).source(bench, bench.split)
-        assert 'label' in _features(source)
-        from psd_jax.data import pipeline
+        source = suite_lib.Suite(tiny_config(), None, None, None, None).source(bench,
+                                                                               bench.split)
+        assert key in _features(source)
         record = pipeline.Preprocess(image_size=32, tokenizer=lambda t, n: np.zeros(n, np.int32),
                                      context_length=4, train=False).random_map(
             dict(source[0], caption=''), np.random.default_rng(0))
         assert record['image'].shape == (32, 32, 3) and record['image'].dtype == np.uint8
 
 
+def test_multilabel_accuracy_counts_a_prediction_in_the_set(rng):
+    classes = rng.standard_normal((5, 8))
+    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    truth = rng.integers(0, 5, 40)
+    images = classes[truth] + 0.01 * rng.standard_normal((40, 8))
+    sets = [[int(t)] if i % 3 else [int(t), (int(t) + 1) % 5] for i, t in enumerate(truth)]
+    sets[0] = []  # no ReaL label: left out
+    sets[1] = [(int(truth[1]) + 2) % 5]  # the prediction is not in the set
+    source = [{'real_label': np.asarray(s, np.int64)} for s in sets]
+    result, scored = suite_lib.multilabel_accuracy(images, classes, source, 'real_label')
+    assert scored == 39 and result['top1'] == pytest.approx(38 / 39)
+
+
 @needs_metadata
 def test_catalog_zero_shot_end_to_end_on_mock_data(model_state, monkeypatch):
-    """CIFAR-100 and Oxford pets through Suite.zero_shot on mocked tfds data: the classifier
-    has the metadata's classes and templates, and accuracies are fractions of the images."""
+    """CIFAR-100, Oxford pets and ImageNet-ReaL through Suite.zero_shot on mocked tfds data:
+    the classifier has the metadata's classes, accuracies are fractions of the images, ReaL
+    scores the images with a label set."""
     import tensorflow_datasets as tfds
 
     from psd_jax.data import datasets
     model, variables, mesh, tokenizer = model_state
-    config = tiny_config(suite='cifar100,pets')
+    config = tiny_config(suite='cifar100,pets,imagenet_real')
+    real = prompts.templates
+    monkeypatch.setattr(prompts, 'templates',  # one template: 1,000 ImageNet prompts, not 80,000
+                        lambda bench: real(bench)[:1] if 'imagenet' in bench.dataset
+                        else real(bench))
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
         monkeypatch.setattr(datasets, 'data_source',
                             lambda n, split, data_dir=None: tfds.data_source(n, split=split))
         report = suite_lib.Suite(config, model, variables, mesh, tokenizer).run(
             benchmarks.resolve(config))
+        sets = tfds.data_source('imagenet2012_real', split='validation')
+        scored = sum(len(sets[i]['real_label']) > 0 for i in range(len(sets)))
     assert not report.errors, report.errors
-    assert [r['name'] for r in report.rows] == ['cifar100', 'pets']
-    for row in report.rows:
+    assert [r['name'] for r in report.rows] == ['cifar100', 'pets', 'imagenet_real']
+    assert report.rows[2]['images'] == scored
+    for row in report.rows[:2]:
         assert row['images'] == 16 and 0 <= row['headline'] <= 1
         assert row['metrics']['top1'] * 16 == pytest.approx(round(row['metrics']['top1'] * 16))
-
-
-@needs_metadata
-def test_metadata_equals_the_wheels_files():
-    """The extracted names and templates against open_clip's module executed as Python (the
-    extraction parses it without running it) and CLIP_benchmark's JSON read directly."""
-    sources = CACHE / 'zero_shot_sources'
-    namespace: dict = {}
-    exec((sources / 'open_clip' / 'zero_shot_metadata.py').read_text(), namespace)  # noqa: S102
-    names = prompts.classifier_labels(benchmarks.CATALOG['imagenet1k'], None)[0]
-    assert names == list(namespace['IMAGENET_CLASSNAMES'])
-    assert len(names) == 1000 and 'rooster' in names and 'newt' in names
-    templates = prompts.templates(benchmarks.CATALOG['imagenet1k'])
-    assert len(templates) == 80
-    assert [t.format('X') for t in templates] == [
-        f('X') for f in namespace['OPENAI_IMAGENET_TEMPLATES']]
-    cb = json.loads((sources / 'clip_benchmark' / 'datasets' /
-                     'en_zeroshot_classification_templates.json').read_text())
-    cifar = prompts.templates(benchmarks.CATALOG['cifar100'])
-    assert [t.format('X') for t in cifar] == [t.replace('{c}', 'X') for t in cb['cifar100']]
-    assert len(cifar) == 18
-    pets = json.loads((sources / 'clip_benchmark' / 'datasets' / 'en_classnames.json'
-                       ).read_text())['pets']
-    assert prompts.classifier_labels(benchmarks.CATALOG['pets'], None)[0] == pets
-
-
-def test_template_extraction_without_running_code():
-    from psd_jax.data import wheel_metadata
-    source = ("A = ('x',)\nT = (lambda c: f'a {c} with {{braces}}.', lambda c: f'{c}')\n"
-              "IMAGENET_CLASSNAMES = tuple(str(i) for i in range(3))\n")
-    values = wheel_metadata._assignments(source)
-    assert [wheel_metadata._template(t) for t in values['T'].elts] == [
-        'a {} with {{braces}}.', '{}']
-    assert 'a {} with {{braces}}.'.format('cat') == 'a cat with {braces}.'
-    with pytest.raises(ValueError):  # not a literal: refused, never evaluated
-        wheel_metadata.open_clip_metadata(source)
-
-
-def test_missing_metadata_names_the_fetch_command(monkeypatch, tmp_path):
-    monkeypatch.setenv('PSD_JAX_CACHE', str(tmp_path))
-    with pytest.raises(FileNotFoundError, match='python -m psd_jax.data.fetch zero_shot_metadata'):
-        prompts.classifier_labels(benchmarks.CATALOG['imagenet1k'], None)
-
-
-@needs_metadata
-@pytest.mark.skipif(not (importlib.util.find_spec('torch') and importlib.util.find_spec(
-    'open_clip')), reason='torch and open_clip are not installed (optional: the metadata test '
-                          'above checks the names and templates against the wheel\'s files)')
-def test_zero_shot_classifier_equals_open_clips(tmp_path):
-    """Same weights, same names and templates: psd_jax's ImageNet classifier equals
-    open_clip.build_zero_shot_classifier's within float32 rounding."""
-    import open_clip
-    import torch
-
-    from psd_jax import pretrained
-    from psd_jax.data.tokenizers import ClipTokenizer
-    from psd_jax.evaluation.zero_shot import class_embeddings
-    from psd_jax.models import build_model
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-
-    bench = benchmarks.CATALOG['imagenet1k']
-    names, templates, _ = prompts.classifier_labels(bench, None)
-    assert names == list(IMAGENET_CLASSNAMES)
-    assert [t.format('x') for t in templates] == [f('x') for f in OPENAI_IMAGENET_TEMPLATES]
-    torch.manual_seed(0)
-    model = open_clip.create_model('ViT-B-32-quickgelu').eval()
-    path = tmp_path / 'model.bin'
-    torch.save(model.state_dict(), path)
-    chosen = list(np.random.default_rng().choice(1000, 16, replace=False))
-    with torch.no_grad():
-        want = open_clip.build_zero_shot_classifier(
-            model, open_clip.get_tokenizer('ViT-B-32'), [names[i] for i in chosen],
-            OPENAI_IMAGENET_TEMPLATES, num_classes_per_batch=4, device='cpu').numpy().T
-    variables, spec = pretrained.load(path, act='quick_gelu', heads=(12, 8))
-    psd = build_model(spec)
-    mesh = sharding.make_mesh({'data': 8})
-    got = class_embeddings(psd, {'params': variables['params']},
-                           ClipTokenizer(fetch.clip_vocab(), 77), [names[i] for i in chosen],
-                           templates, mesh, 256, 77)
-    assert got.shape == want.shape == (16, 512)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
-    print('max abs difference', np.abs(got - want).max())
 
 
 @needs_data

@@ -27,7 +27,9 @@ def checked_image(data: bytes) -> io.BytesIO | None:
 
     Every image is stored as it came (its mode kept: alpha, palette, grey, CMYK), because
     open_clip's evaluation transform resizes and crops in the image's own mode and converts to
-    RGB last (psd_jax/data/transforms.py); the input pipeline decodes the bytes itself.
+    RGB last (psd_jax/data/transforms.py); the input pipeline decodes the bytes itself. Read
+    the prepared data with `datasets.data_source` (which skips tfds's decoding; tfds's own
+    decoder cannot give one channel count to images of several modes).
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -69,7 +71,7 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(None, None, 3)),
+                'image': tfds.features.Image(shape=(None, None, None)),  # source mode kept
                 'caption': tfds.features.Text(),
                 'key': tfds.features.Text(),
                 'json': tfds.features.Text(),
@@ -215,7 +217,7 @@ class ImageFolderClassification(tfds.core.GeneratorBasedBuilder):
             classes = None  # reading a prepared dataset: names come from its stored info
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(None, None, 3)),
+                'image': tfds.features.Image(shape=(None, None, None)),  # source mode kept
                 'label': tfds.features.ClassLabel(names=classes) if classes else
                 tfds.features.ClassLabel(num_classes=1),
                 'caption': tfds.features.Text(),

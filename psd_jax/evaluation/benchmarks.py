@@ -51,6 +51,7 @@ class Benchmark:
     train_split: str = 'train'
     probe_examples: int = 0
     caption_lines: bool = False  # retrieval: each line of a caption is one caption of the image
+    multilabel: str = ''  # zero-shot against label sets in this feature (ImageNet-ReaL)
 
     def data_key(self, split: str | None = None) -> tuple[str, str, str, str]:
         """What identifies the images of a split: benchmarks that share it embed it once."""
@@ -65,6 +66,9 @@ _IMAGENET = dict(names='imagenet', templates='cb:imagenet1k')
 CATALOG: dict[str, Benchmark] = {
     # ImageNet-1k and its shifts; tfds labels them all in the 1,000-class space
     'imagenet1k': Benchmark('zero_shot', 'imagenet2012', 'validation', **_IMAGENET),
+    # the same 50,000 images against ReaL's label sets (Beyer et al. 2020)
+    'imagenet_real': Benchmark('zero_shot', 'imagenet2012_real', 'validation',
+                               multilabel='real_label', **_IMAGENET),
     'imagenet_v2': Benchmark('zero_shot', 'imagenet_v2', 'test', **_IMAGENET),
     'imagenet_sketch': Benchmark('zero_shot', 'imagenet_sketch', 'test', **_IMAGENET),
     'imagenet_a': _zs('imagenet_a', 'test', 'imagenet_subset', 'cb:imagenet1k'),

@@ -22,7 +22,7 @@ from psd_jax.data.from_config import open_split
 from psd_jax.evaluation import benchmarks as benchmarks_lib
 from psd_jax.evaluation.benchmarks import Benchmark
 from psd_jax.evaluation.suite import (NonFiniteEmbeddings, Suite, SuiteReport, _features,
-                                      check_finite, write_report)
+                                      check_finite, label_names, write_report)
 
 __all__ = ['NonFiniteEmbeddings', 'check_finite', 'run_evaluators', 'check_evaluators']
 
@@ -151,11 +151,10 @@ def check_suite(config: ml_collections.ConfigDict) -> None:
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f'config.eval.suite: benchmark {name!r}: {e}') from e
             features = _features(source)
-            needed = 'caption' if bench.task == 'retrieval' else 'label'
+            needed = 'caption' if bench.task == 'retrieval' else (bench.multilabel or 'label')
             if needed not in features:
                 raise ValueError(f'config.eval.suite: benchmark {name!r} ({bench.task}) needs '
                                  f'{needed!r}; {bench.dataset} split {split!r} has only '
                                  f'{sorted(features)}')
         if bench.task == 'zero_shot':
-            label = _features(source)['label']
-            prompts.classifier_labels(bench, list(getattr(label, 'names', None) or []) or None)
+            prompts.classifier_labels(bench, label_names(_features(source), bench))

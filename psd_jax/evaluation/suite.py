@@ -52,6 +52,31 @@ def _features(source) -> dict:
     return dict(getattr(getattr(source, 'dataset_info', None), 'features', {}) or {})
 
 
+def label_names(features: dict, bench: Benchmark) -> list[str] | None:
+    """The class names of the benchmark's label feature (a ClassLabel, or a sequence of them
+    for multi-label sets), or None when it has none."""
+    feature = features.get(bench.multilabel or 'label')
+    names = getattr(feature, 'names', None) or getattr(getattr(feature, 'feature', None),
+                                                       'names', None)
+    return list(names) if names else None
+
+
+def multilabel_accuracy(image: np.ndarray, classes: np.ndarray, source,
+                        key: str) -> tuple[dict, int]:
+    """Top-1 accuracy against label sets (ImageNet-ReaL): a prediction is right when it is in
+    the image's set; images with an empty set are left out, as ReaL's authors do. The sets
+    are read from the records (they do not batch), in the order the images were embedded."""
+    sets = [set(np.asarray(source[i][key]).reshape(-1).tolist()) for i in range(len(source))]
+    if len(sets) != len(image):
+        raise ValueError(f'{len(image)} images embedded but {len(sets)} label sets')
+    predicted = np.argmax(np.asarray(image, np.float32) @ np.asarray(classes, np.float32).T, 1)
+    scored = [i for i, labels in enumerate(sets) if labels]
+    if not scored:
+        raise ValueError(f'no image has a label in {key!r}')
+    hits = [int(predicted[i]) in sets[i] for i in scored]
+    return {'top1': float(np.mean(hits)), 'scored_images': float(len(scored))}, len(scored)
+
+
 @dataclasses.dataclass
 class SuiteReport:
     """What one evaluation of a suite gave (fractions, not percentages)."""
@@ -139,19 +164,21 @@ class Suite:
 
     def zero_shot(self, bench: Benchmark) -> tuple[dict, int]:
         emb, source = self.embedded(bench, bench.split)
-        label = _features(source).get('label')
+        names, templates, mapping = prompts.classifier_labels(
+            bench, label_names(_features(source), bench))
+        classes = self.classifier(names, templates)
+        if bench.multilabel:
+            return multilabel_accuracy(emb['image'], classes, source, bench.multilabel)
         if 'label' not in emb:
             raise ValueError(f'zero-shot classification needs labels; {bench.dataset!r} split '
                              f'{bench.split!r} has none')
-        names, templates, mapping = prompts.classifier_labels(
-            bench, list(getattr(label, 'names', None) or []) or None)
         labels = emb['label']
         if mapping is not None:
             labels = mapping[labels]
             if np.any(labels < 0):
                 raise ValueError(f'{bench.dataset}: {int(np.sum(labels < 0))} images carry a '
                                  'label outside its classes')
-        result = zero_shot_metrics(emb['image'], labels, self.classifier(names, templates))
+        result = zero_shot_metrics(emb['image'], labels, classes)
         return {k: v for k, v in result.items() if k != 'per_class'}, len(labels)
 
     def retrieval(self, bench: Benchmark) -> tuple[dict, int]:

@@ -27,7 +27,8 @@ from psd_jax.models import PRESETS, ModelSpec
 
 IGNORED = re.compile(r'(.*num_batches_tracked|input_resolution|context_length|vocab_size|'
                      r'(.*\.)?attn_mask)$')
-HEAD_WIDTH = 64  # every CLIP model's attention head width
+HEAD_WIDTH = 64  # open_clip's default vision head width (CLIPVisionCfg.head_width)
+OPEN_CLIP_TEXT_HEADS = 8  # open_clip's default text heads (CLIPTextCfg.heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +155,8 @@ def infer_spec(state_dict: Mapping[str, Any], act: str,
                              f'{sorted(state_dict)[:5]})')
     vocab, text_width = shape('token_embedding.weight')
     text = dict(vocab_size=vocab, text_width=text_width, text_pool=text_pool,
-                text_heads=(text_cfg.get('heads') if model_cfg is not None else text_heads)
-                or _heads('text', text_width, HEAD_WIDTH),
+                text_heads=(text_cfg.get('heads', OPEN_CLIP_TEXT_HEADS) if model_cfg is not None
+                            else text_heads),
                 context_length=shape('positional_embedding')[0],
                 text_depth=_count(state_dict, r'transformer\.resblocks\.(\d+)\.'),
                 embed_dim=shape('text_projection')[1], act=act)
