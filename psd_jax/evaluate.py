@@ -39,15 +39,6 @@ flags.DEFINE_string('suite', None, 'Evaluate this suite alone (comma-separated s
 flags.mark_flags_as_required(['config'])
 
 
-def with_suite(config, suite: str | None):
-    """The config with eval.suite = `suite` and no training-data evaluators, when given."""
-    if suite:
-        with config.unlocked():
-            config.eval.suite = suite
-            config.eval.evaluators = ()
-    return config
-
-
 def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, float]:
     """Restore a checkpoint of `workdir` and run the configured evaluators on it."""
     from psd_jax.data.from_config import make_tokenizer
@@ -96,7 +87,8 @@ def main(argv) -> None:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     from psd_jax.cli import quiet_libraries
     quiet_libraries()
-    config = with_suite(FLAGS.config, FLAGS.suite)
+    from psd_jax.evaluation.run import suite_only
+    config = suite_only(FLAGS.config, FLAGS.suite)
     try:
         if FLAGS.init_from:
             result = evaluate_pretrained(config, FLAGS.init_from, FLAGS.workdir)

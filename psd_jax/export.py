@@ -27,36 +27,6 @@ flags.DEFINE_string('out', None, 'The open_clip folder to write.')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
-def run_config(workdir: str, given=None):
-    """The run's config from <workdir>/config.json; `given` (a config from the command line)
-    must agree with it on every key that defines what is exported: the model (but for how it
-    is computed or where it started: psd_jax/resume.py's MAY_CHANGE, model.init_from) and
-    loss.kind."""
-    import json
-
-    from etils import epath
-
-    from psd_jax import config as config_lib, resume
-
-    path = epath.Path(workdir) / 'config.json'
-    if not path.exists():
-        raise FileNotFoundError(f'{path} is missing: export reads the run\'s config from its '
-                                'workdir (is this the workdir of a run?)')
-    saved = json.loads(path.read_text())
-    config = config_lib.from_saved(saved)
-    if given is not None:
-        ours, theirs = resume.flatten(given.to_dict()), resume.flatten(saved)
-        for key in sorted(set(ours) | set(theirs)):
-            defines = (key.startswith('model.') and key != 'model.init_from'
-                       and not resume.may_change(key)) or key == 'loss.kind'
-            if not defines or ours.get(key) == theirs.get(key):
-                continue
-            raise ValueError(f'--config differs from the run\'s {path} at {key}: '
-                             f'{ours.get(key)!r} given, {theirs.get(key)!r} in the run; leave '
-                             '--config out to export with the run\'s own config')
-    return config
-
-
 def export(config, workdir: str, out: str, step_number: int | None = None) -> str:
     """Write checkpoint `step_number` (default: the latest) of `workdir` as an open_clip folder;
     returns its path."""
@@ -82,6 +52,7 @@ def main(argv) -> None:
     from psd_jax.cli import quiet_libraries
     quiet_libraries()
     try:
+        from psd_jax.restore import run_config
         config = run_config(FLAGS.workdir, FLAGS.config)
         print(export(config, FLAGS.workdir, FLAGS.out, FLAGS.step))
     except (ValueError, FileNotFoundError) as e:

@@ -1,4 +1,5 @@
-"""A run's checkpoint read outside training: the standalone evaluator and the exporter."""
+"""A run's checkpoint and config read outside training: the standalone evaluator and the
+exporter."""
 
 from __future__ import annotations
 
@@ -24,3 +25,33 @@ def restore_variables(config, workdir: str, step_number: int | None = None):
     state = to_current(state)
     ckpt.close()
     return {'params': state.params, 'batch_stats': state.batch_stats}, at, setup, mesh
+
+
+def run_config(workdir: str, given=None):
+    """The run's config from <workdir>/config.json; `given` (a config from the command line)
+    must agree with it on every key that defines what is exported: the model (but for how it
+    is computed or where it started: psd_jax/resume.py's MAY_CHANGE, model.init_from) and
+    loss.kind."""
+    import json
+
+    from etils import epath
+
+    from psd_jax import config as config_lib, resume
+
+    path = epath.Path(workdir) / 'config.json'
+    if not path.exists():
+        raise FileNotFoundError(f'{path} is missing: export reads the run\'s config from its '
+                                'workdir (is this the workdir of a run?)')
+    saved = json.loads(path.read_text())
+    config = config_lib.from_saved(saved)
+    if given is not None:
+        ours, theirs = resume.flatten(given.to_dict()), resume.flatten(saved)
+        for key in sorted(set(ours) | set(theirs)):
+            defines = (key.startswith('model.') and key != 'model.init_from'
+                       and not resume.may_change(key)) or key == 'loss.kind'
+            if not defines or ours.get(key) == theirs.get(key):
+                continue
+            raise ValueError(f'--config differs from the run\'s {path} at {key}: '
+                             f'{ours.get(key)!r} given, {theirs.get(key)!r} in the run; leave '
+                             '--config out to export with the run\'s own config')
+    return config

@@ -22,6 +22,7 @@ from psd_jax import config as config_lib, pretrained, step, sharding
 from psd_jax.data import fetch
 from psd_jax.data.tokenizers import ClipTokenizer
 from psd_jax.models import build_model, convert
+from psd_jax.restore import run_config
 from test_train import CONFIG, FAST, env, pytestmark as needs_emoji, restored_params
 
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'open_clip'
@@ -146,7 +147,8 @@ def run(*args, timeout=300):
 @needs_emoji
 def test_train_from_imported_weights_export_and_evaluate_the_export(tmp_path, devices):
     """A tiny run starts from the fixture's weights (logged; two steps move them only a
-    little); its checkpoint exports to an open_clip folder that imports to the same parameters,
+    little); its checkpoint exports (from the run's own config) to an open_clip folder, files
+    readable as the folder is, that imports to the same parameters,
     and evaluating that folder (psd_jax.evaluate --init_from, no training) gives the run's own
     final retrieval numbers."""
     workdir, out = tmp_path / 'run', tmp_path / 'exported'
@@ -166,9 +168,18 @@ def test_train_from_imported_weights_export_and_evaluate_the_export(tmp_path, de
     apart = np.mean([np.abs(np.asarray(a) - b).mean() for a, b in zip(jax.tree.leaves(fresh),
                                                                        jax.tree.leaves(start))])
     assert moved < 0.05 * apart, (moved, apart)
-    exported = run('-m', 'psd_jax.export', f'--config={CONFIG}', f'--workdir={workdir}',
-                   f'--out={out}')
+    # export reads the run's own config.json: no --config, no repeated --config.model.* flags;
+    # a --config that disagrees on the model is refused in one line naming the key
+    disagreeing = config_lib.base_config()
+    disagreeing.model.embed_dim = 48
+    with pytest.raises(ValueError) as refused:
+        run_config(str(workdir), disagreeing)
+    assert '\n' not in str(refused.value) and 'at model.embed_dim: 48 given, 0 in the run' in (
+        str(refused.value))
+    exported = run('-m', 'psd_jax.export', f'--workdir={workdir}', f'--out={out}')
     assert exported.returncode == 0, exported.stderr[-3000:]
+    for name in (pretrained.WEIGHTS_NAME, pretrained.CONFIG_NAME):  # readable as the folder is
+        assert (out / name).stat().st_mode & 0o044 == out.stat().st_mode & 0o044, name
     again = pretrained.load(out)[0]['params']
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)

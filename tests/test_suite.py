@@ -319,3 +319,12 @@ def test_retrieval_with_several_captions_per_image(model_state, tmp_path):
     assert report.rows[0]['images'] == len(entries) and len(captions) == 3 * len(entries)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_suite_flag_replaces_the_evaluators():
+    """`python -m psd_jax.evaluate --suite NAME` evaluates that suite alone."""
+    config = tiny_config(suite='', evaluators=('retrieval',))
+    same = evaluation.suite_only(config, None)
+    assert same.eval.evaluators == ('retrieval',) and same.eval.suite == ''
+    only = evaluation.suite_only(config, 'demo,cifar10')
+    assert only.eval.evaluators == () and only.eval.suite == 'demo,cifar10'

@@ -170,11 +170,15 @@ def test_config_errors_are_one_line(tmp_path, override, expected):
 
 
 def test_standalone_evaluation_reproduces_the_in_loop_numbers(tmp_path):
+    """The evaluators and a benchmark suite (emoji_styles: another dataset than the training
+    one) in the loop, then standalone on the checkpoint: the same numbers; the suite's table
+    is written both times."""
     workdir = tmp_path / 'eval'
     evaluators = "--config.eval.evaluators=('retrieval','zero_shot')"
+    suite = '--config.eval.suite=emoji_styles'
     trained = subprocess.run(
         [sys.executable, '-m', 'psd_jax.main', f'--config={CONFIG}', f'--workdir={workdir}',
-         '--config.train.steps=4', evaluators, '--config.metrics.tensorboard=False',
+         '--config.train.steps=4', evaluators, suite, '--config.metrics.tensorboard=False',
          '--config.train.profile_steps=(2,3)'],
         env=env(), capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -183,13 +187,21 @@ def test_standalone_evaluation_reproduces_the_in_loop_numbers(tmp_path):
     assert 0.0 < in_loop['mfu'] < 1.0 and 'matmul probe' in trained.stderr
     traces = list((workdir / 'profile').rglob('*.xplane.pb'))
     assert traces and traces[0].stat().st_size > 0  # the trace of steps 2-3
+    table = json.loads((workdir / 'eval' / 'suite_step_4.json').read_text())
+    assert [b['name'] for b in table['benchmarks']] == ['emoji_styles']
+    assert table['average'] == in_loop['eval/suite/average'] == in_loop[
+        'eval/emoji_styles/mean_R@1']
+    assert 'eval/suite/average=' in trained.stderr  # on the console line of the evaluation
+    (workdir / 'eval' / 'suite_step_4.json').unlink()
     standalone = subprocess.run(
         [sys.executable, '-m', 'psd_jax.evaluate', f'--config={CONFIG}', f'--workdir={workdir}',
-         evaluators], env=env(), capture_output=True, text=True, timeout=300)
+         evaluators, suite], env=env(), capture_output=True, text=True, timeout=300)
     assert standalone.returncode == 0, standalone.stderr[-3000:]
     report = json.loads((workdir / 'eval_step_4.json').read_text())
+    assert json.loads((workdir / 'eval' / 'suite_step_4.json').read_text())['average'] == (
+        pytest.approx(table['average'], abs=1e-6))
     keys = [k for k in in_loop if k.startswith('eval/')]
-    assert len(keys) >= 10 and report['step'] == 4
+    assert len(keys) >= 20 and report['step'] == 4
     for key in keys:
         assert report[key] == pytest.approx(in_loop[key], abs=1e-6), key
     assert 0.0 < in_loop['eval/zero_shot/top1'] <= 1.0  # a fraction, and a model this

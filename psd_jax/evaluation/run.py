@@ -27,6 +27,17 @@ from psd_jax.evaluation.suite import (NonFiniteEmbeddings, Suite, SuiteReport, _
 __all__ = ['NonFiniteEmbeddings', 'check_finite', 'run_evaluators', 'check_evaluators']
 
 
+def suite_only(config: ml_collections.ConfigDict,
+               suite: str | None) -> ml_collections.ConfigDict:
+    """The config with eval.suite = `suite` and no training-data evaluators, when `suite` is
+    given (`python -m psd_jax.evaluate --suite NAME`); else the config as it is."""
+    if suite:
+        with config.unlocked():
+            config.eval.suite = suite
+            config.eval.evaluators = ()
+    return config
+
+
 def training_benchmark(config: ml_collections.ConfigDict, task: str) -> Benchmark:
     """The legacy evaluator `task` as a benchmark on the training dataset's eval.split."""
     dataset = config.data.dataset
