@@ -245,3 +245,9 @@ def write_report(directory, stem: str, report: SuiteReport, **header: Any) -> No
     title = ', '.join(f'{k} {v}' for k, v in header.items())
     (directory / f'{stem}.md').write_text(report.markdown(f'Evaluation suite: {title}'))
     (directory / f'{stem}.json').write_text(json.dumps(report.to_json(**header), indent=1))
+    from absl import logging
+    average = 'no benchmark' if report.average is None else f'{100 * report.average:.2f}%'
+    logging.info('evaluation suite (%s): average %s over %d benchmarks%s; table in %s', title,
+                 average, len(report.rows),
+                 f', {len(report.errors)} failed' if report.errors else '',
+                 directory / f'{stem}.md')
