@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from typing import Callable
 
 EMOJI_PACKAGES = {  # pinned, so the dataset is the same everywhere
     'emoji-datasource-google': '16.0.0',
@@ -119,23 +120,25 @@ def _download_wheel(package: str, version: str | None, into: str) -> pathlib.Pat
     return wheels[0]
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    partial = path.with_suffix('.partial')
-    partial.write_bytes(data)
-    partial.replace(path)
+def _once(path: pathlib.Path, make: Callable[[str], bytes]) -> pathlib.Path:
+    """`path`, made once: `make(tmp)` (tmp: a scratch folder beside it) gives its bytes, which
+    are written atomically, so an interrupted fetch leaves no partial file behind."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = path.with_suffix('.partial')
+        partial.write_bytes(make(tmp))
+        partial.replace(path)
+    return path
 
 
 def clip_vocab(root: pathlib.Path | None = None) -> pathlib.Path:
     """Path of CLIP's BPE vocabulary, extracted (once) from the open-clip-torch wheel."""
-    root = root or cache_dir()
-    path = root / CLIP_VOCAB_NAME
-    if path.exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    def make(tmp: str) -> bytes:
         with zipfile.ZipFile(_download_wheel('open-clip-torch', None, tmp)) as wheel:
-            _write_atomically(path, wheel.read(f'open_clip/{CLIP_VOCAB_NAME}'))
-    return path
+            return wheel.read(f'open_clip/{CLIP_VOCAB_NAME}')
+    return _once((root or cache_dir()) / CLIP_VOCAB_NAME, make)
 
 
 def zero_shot_metadata(root: pathlib.Path | None = None) -> pathlib.Path:
@@ -147,24 +150,20 @@ def zero_shot_metadata(root: pathlib.Path | None = None) -> pathlib.Path:
     from psd_jax.data import wheel_metadata
 
     root = root or cache_dir()
-    path = root / METADATA_NAME
-    if path.exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+
+    def make(tmp: str) -> bytes:
         files = {}
         for package, version in METADATA_WHEELS.items():
             with zipfile.ZipFile(_download_wheel(package, version, tmp)) as wheel:
                 for name in wheel_metadata.WANTED[package]:
                     files[name] = wheel.read(name).decode('utf-8')
-        metadata = wheel_metadata.extract(files)
-        metadata['source'] = {p: v for p, v in METADATA_WHEELS.items()}
         for name, text in files.items():  # the wheels' own files, kept for parity tests
             target = root / 'zero_shot_sources' / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding='utf-8')
-        _write_atomically(path, json.dumps(metadata, indent=1).encode())
-    return path
+        metadata = {**wheel_metadata.extract(files), 'source': dict(METADATA_WHEELS)}
+        return json.dumps(metadata, indent=1).encode()
+    return _once(root / METADATA_NAME, make)
 
 
 FETCHERS = {'emoji': emoji_sources, 'openmoji': openmoji_sources,

@@ -177,8 +177,8 @@ class Preprocess(grain.RandomMapTransform):
     crop_scale: tuple[float, float] = (0.9, 1.0)  # area fraction of the random crop
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        image = record['image']  # encoded bytes (decoding skipped) or a decoded array
-        out = {}
+        image = transforms.decode(record['image'])  # once: from bytes (decoding skipped)
+        out = {}                                     # or a decoded array
         if self.train:
             if self.teacher_view:
                 out['teacher_image'] = transforms.eval_view(image, self.image_size)

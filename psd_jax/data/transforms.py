@@ -74,15 +74,7 @@ def eval_view(image: Any, size: int) -> np.ndarray:
 def rgb_array(image: Any) -> np.ndarray:
     """uint8 (H, W, 3) for the training augmentation: grey repeated, alpha and palettes
     converted by PIL's convert('RGB') (as open_clip's training transform does, after its
-    crop)."""
-    if not isinstance(image, (bytes, bytearray, memoryview, Image.Image)):
-        array = np.asarray(image)
-        if array.ndim == 2:
-            return np.repeat(array[:, :, None], 3, axis=2)
-        if array.shape[2] == 1:
-            return np.repeat(array, 3, axis=2)
-        if array.shape[2] == 3:
-            return array
+    crop). `image`: a PIL image, encoded bytes or a uint8 array."""
     im = image if isinstance(image, Image.Image) else decode(image)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', UserWarning)

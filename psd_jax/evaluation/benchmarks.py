@@ -52,10 +52,12 @@ class Benchmark:
     probe_examples: int = 0
     caption_lines: bool = False  # retrieval: each line of a caption is one caption of the image
     multilabel: str = ''  # zero-shot against label sets in this feature (ImageNet-ReaL)
+    data_dir: str = ''  # where it is prepared ('': data.data_dir, else the cache)
 
-    def data_key(self, split: str | None = None) -> tuple[str, str, str, str]:
+    def data_key(self, split: str | None = None) -> tuple[str, ...]:
         """What identifies the images of a split: benchmarks that share it embed it once."""
-        return (self.dataset, self.builder_config, self.path, split or self.split)
+        return (self.dataset, self.builder_config, self.path, self.data_dir,
+                split or self.split)
 
 
 def _zs(dataset: str, split: str, names: str, templates: str) -> Benchmark:
@@ -137,18 +139,19 @@ def check(name: str, bench: Benchmark, where: str) -> Benchmark:
 
 def resolve(config) -> dict[str, Benchmark]:
     """The benchmarks `config.eval.suite` names, in order, without repeats: suite names expand
-    to their members; the config's own `eval.benchmarks` entries may shadow catalog names.
-    Unknown names are refused, listing what is known."""
+    to their members; the config's own `eval.benchmarks` entries may shadow catalog names;
+    each is read from its own data_dir, else eval.data_dir, else data.data_dir. Unknown names
+    are refused, listing what is known."""
     own = {name: from_dict(name, entry.to_dict() if hasattr(entry, 'to_dict') else entry)
            for name, entry in (config.eval.benchmarks or {}).items()}
     out: dict[str, Benchmark] = {}
+    data_dir = config.eval.data_dir or config.data.data_dir
     for name in [n.strip() for n in str(config.eval.suite or '').split(',') if n.strip()]:
         members = SUITES.get(name, (name,)) if name not in own else (name,)
         for member in members:
-            if member in own:
-                out[member] = own[member]
-            elif member in CATALOG:
-                out[member] = CATALOG[member]
+            bench = own.get(member) or CATALOG.get(member)
+            if bench is not None:
+                out[member] = dataclasses.replace(bench, data_dir=bench.data_dir or data_dir)
             else:
                 raise ValueError(
                     f'config.eval.suite: {member!r} is not a suite, a catalog benchmark or an '

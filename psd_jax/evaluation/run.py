@@ -42,11 +42,12 @@ def training_benchmark(config: ml_collections.ConfigDict, task: str) -> Benchmar
     """The legacy evaluator `task` as a benchmark on the training dataset's eval.split."""
     dataset = config.data.dataset
     if task == 'linear_probe':
-        return Benchmark('linear_probe', config.eval.probe_dataset, 'test')
+        return Benchmark('linear_probe', config.eval.probe_dataset, 'test',
+                         data_dir=config.data.data_dir)
     own = dataset.split('/')[0] in classnames.CLASS_NAMES
     return Benchmark(task, dataset, config.eval.split, builder_config=config.data.builder_config,
                      path=config.data.path, names='project' if own else 'labels_spaces',
-                     templates='project')
+                     templates='project', data_dir=config.data.data_dir)
 
 
 def _evaluator(task: str) -> Callable:
@@ -115,57 +116,35 @@ def check_names(config: ml_collections.ConfigDict) -> None:
 
 
 def check_evaluators(config: ml_collections.ConfigDict) -> None:
-    """Before training: every evaluator is known, and its data exists and has what it needs
-    (the split, labels and class names for zero-shot, the probe dataset's train and test
-    splits with labels), so that no error waits for the end of training."""
+    """Before training: every evaluator and suite benchmark is known, and its data exists and
+    has what its task needs (the split; captions for retrieval; labels and matching class
+    names for zero-shot; labelled train and test splits for the probe), and the zero-shot
+    metadata is fetched, so that no error waits for the first evaluation."""
     check_names(config)
-    wanted = set(config.eval.evaluators)
-    if wanted & {'retrieval', 'zero_shot'}:
-        try:
-            source = open_split(config, config.eval.split)
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f'config.eval.split={config.eval.split!r}: {e}') from e
-        if 'zero_shot' in wanted:
-            if 'label' not in _features(source):
-                raise ValueError(
-                    f'config.eval.evaluators: zero_shot needs labels, and '
-                    f'{config.data.dataset!r} split {config.eval.split!r} has only '
-                    f'{sorted(_features(source))}; drop zero_shot from eval.evaluators')
-            bench = training_benchmark(config, 'zero_shot')
-            if bench.names == 'project':
-                classnames.class_names(config.data.dataset)
-    if 'linear_probe' in wanted:
-        for split in ('train', 'test'):
-            try:
-                source = open_split(config, split, dataset=config.eval.probe_dataset,
-                                    builder_config='')
-            except (ValueError, FileNotFoundError) as e:
-                raise ValueError(f'config.eval.probe_dataset={config.eval.probe_dataset!r}: '
-                                 f'{e}') from e
-            if 'label' not in _features(source):
-                raise ValueError(f'config.eval.probe_dataset={config.eval.probe_dataset!r} '
-                                 f'split {split!r} has no labels for the linear probe')
-    check_suite(config)
-
-
-def check_suite(config: ml_collections.ConfigDict) -> None:
-    """Before training: every suite benchmark's data is prepared and has what its task needs,
-    and the zero-shot metadata is fetched, so that no error waits for the first evaluation."""
-    from psd_jax.evaluation import prompts
+    for name in config.eval.evaluators:
+        where = (f'config.eval.probe_dataset={config.eval.probe_dataset!r}'
+                 if name == 'linear_probe' else f'config.eval.split={config.eval.split!r}')
+        check_data(config, training_benchmark(config, name), f'{where} ({name})')
     for name, bench in benchmarks_lib.resolve(config).items():
-        splits = (bench.split,) + ((bench.train_split,) if bench.task == 'linear_probe' else ())
-        for split in splits:
-            try:
-                source = open_split(config, split, dataset=bench.dataset,
-                                    builder_config=bench.builder_config, path=bench.path or None,
-                                    data_dir=config.eval.data_dir or None)
-            except (ValueError, FileNotFoundError) as e:
-                raise ValueError(f'config.eval.suite: benchmark {name!r}: {e}') from e
-            features = _features(source)
-            needed = 'caption' if bench.task == 'retrieval' else (bench.multilabel or 'label')
-            if needed not in features:
-                raise ValueError(f'config.eval.suite: benchmark {name!r} ({bench.task}) needs '
-                                 f'{needed!r}; {bench.dataset} split {split!r} has only '
-                                 f'{sorted(features)}')
-        if bench.task == 'zero_shot':
-            prompts.classifier_labels(bench, label_names(_features(source), bench))
+        check_data(config, bench, f'config.eval.suite: benchmark {name!r}')
+
+
+def check_data(config: ml_collections.ConfigDict, bench: Benchmark, where: str) -> None:
+    """Refuse, naming `where`, a benchmark whose data is missing or lacks what its task
+    needs."""
+    from psd_jax.evaluation import prompts
+    splits = (bench.split,) + ((bench.train_split,) if bench.task == 'linear_probe' else ())
+    for split in splits:
+        try:
+            source = open_split(config, split, dataset=bench.dataset,
+                                builder_config=bench.builder_config, path=bench.path or None,
+                                data_dir=bench.data_dir or None)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f'{where}: {e}') from e
+        features = _features(source)
+        needed = 'caption' if bench.task == 'retrieval' else (bench.multilabel or 'label')
+        if needed not in features:
+            raise ValueError(f'{where}: {bench.task} needs {needed!r}; {bench.dataset} split '
+                             f'{split!r} has only {sorted(features)}')
+    if bench.task == 'zero_shot':
+        prompts.classifier_labels(bench, label_names(features, bench))

@@ -135,7 +135,7 @@ class Suite:
     def source(self, bench: Benchmark, split: str):
         return open_split(self.config, split, dataset=bench.dataset,
                           builder_config=bench.builder_config, path=bench.path or None,
-                          data_dir=self.config.eval.data_dir or None)
+                          data_dir=bench.data_dir or None)
 
     def embedded(self, bench: Benchmark, split: str, sample: int = 0) -> tuple[dict, Any]:
         """(embeddings of the split, its source), computed once per split and sample."""
