@@ -21,6 +21,8 @@ import argparse
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,11 +62,17 @@ def main() -> None:
     parser.add_argument('--compile_time', nargs='*', default=[], choices=list(TOPOLOGY),
                         help='configs whose compile time is measured with and without scan')
     parser.add_argument('--compile_remat', default='full', help='model.remat for those')
+    parser.add_argument('--per_core', action='store_true',
+                        help='v4 / v5p: a device per TensorCore instead of the megacore device '
+                        'per chip that JAX presents')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'fit.json'))
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {'precision': args.precision, 'scan_layers': args.scan_layers, 'fit': [],
+    result = {'command': 'python benchmarks/fit_table.py ' + ' '.join(sys.argv[1:]),
+              'commit': commit(), 'date': time.strftime('%Y-%m-%d'),
+              'devices': 'per TensorCore' if args.per_core else 'per chip (megacore on v4)',
+              'precision': args.precision, 'scan_layers': args.scan_layers, 'fit': [],
               'compile_time': []}
 
     def save():
@@ -78,10 +86,19 @@ def main() -> None:
     print(f'wrote {out}')
 
 
+def commit() -> str:
+    """The code's commit, '+' when the work tree differs from it."""
+    def git(*cmd):
+        return subprocess.run(['git', *cmd], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    return git('rev-parse', '--short', 'HEAD') + ('+' if git('status', '--porcelain',
+                                                              '--untracked-files=no') else '')
+
+
 def compile_times(name: str, args, result: dict, save) -> None:
     """Compile time and memory of `name` with and without scanned layers."""
     from psd_jax import compile_check
-    devices, label, _ = compile_check.devices_for(TOPOLOGY[name], 0)
+    devices, label, _ = compile_check.devices_for(TOPOLOGY[name], 0, args.per_core)
     for scan in (False, True):
         config = load(name, {'model.scan_layers': scan, 'model.remat': args.compile_remat})
         numbers = compile_check.compile_for(config, devices, config.data.global_batch, 0)
@@ -98,7 +115,7 @@ def compile_times(name: str, args, result: dict, save) -> None:
 def fit_rows(name: str, args, result: dict, save) -> None:
     """`name` at its own batch, and its largest batch, with each lever."""
     from psd_jax import compile_check
-    devices, label, hbm = compile_check.devices_for(TOPOLOGY[name], 0)
+    devices, label, hbm = compile_check.devices_for(TOPOLOGY[name], 0, args.per_core)
     for lever in args.levers:
         overrides = {k: (args.micro_batches if v is None else v)
                      for k, v in LEVERS[lever].items()}
@@ -122,7 +139,9 @@ def fit_rows(name: str, args, result: dict, save) -> None:
         row = {'config': name, 'topology': label, 'hbm_gib': hbm, 'lever': lever,
                'overrides': overrides, 'own_batch': config.data.global_batch,
                'own_total_gib': own.get('total_gib'), 'own_fits': own['fits'] is not False
-               and own['total_gib'] <= hbm, 'largest_batch': best, 'tries': tries,
+               and own['total_gib'] <= hbm, 'own_model_tflop_per_device':
+               own.get('model_flops_per_device', 0) / 1e12, 'peak_host_gib':
+               compile_check.peak_host_gib(), 'largest_batch': best, 'tries': tries,
                'seconds': time.perf_counter() - start}
         print(f'  -> largest global batch {best}', flush=True)
         result['fit'].append(row)

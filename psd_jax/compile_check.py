@@ -4,10 +4,12 @@
         [--max_batch] [--config.key=value ...]
 
 With `libtpu` installed (`pip install -e '.[aot]'`), `jax.experimental.topologies` describes
-the TPU slice (`v4-128`, `v5p-128`, `v5e-256`, `v6e-256`, or `v4:4x4x4`-style names) and the
-real train step (model, loss, optimizer, shardings from the config) is compiled for it,
-without a TPU. Prints per-device memory (arguments, outputs, temporaries) against the chip's
-HBM, FLOPs per step and per device, and the compile time; exits 1 when the step does not fit.
+the TPU slice (`v4-128`, `v5p-128`, `v5e-256`, `v6e-256`, or `v4:4x4x4`-style names) as JAX
+presents it on the real slice (v4 / v5p: one megacore device per chip, with the chip's HBM;
+`--per_core` for a device per TensorCore), and the real train step (model, loss, optimizer,
+shardings from the config) is compiled for it, without a TPU. Prints per-device memory
+(arguments, outputs, temporaries) against the device's HBM, model and XLA FLOPs per device,
+the compile time and the peak host memory; exits 1 when the step does not fit.
 `--max_batch` bisects for the largest global batch that fits. Without `--topology`, the
 machine's own devices stand in (`--cpu_devices N` CPU devices: labelled as such; they have no
 HBM limit, so only the numbers are reported).
@@ -34,11 +36,18 @@ flags.DEFINE_string('topology', None, 'TPU slice: v4-128, v5p-128, v5e-256, v6e-
 flags.DEFINE_integer('cpu_devices', 8, 'Local devices to use without --topology.')
 flags.DEFINE_bool('max_batch', False, 'Also find the largest global batch that fits.')
 flags.DEFINE_float('hbm_gib', 0.0, 'Memory per device to check against (0: the chip\'s).')
+flags.DEFINE_bool('per_core', False, 'v4 / v5p: one device per TensorCore (libtpu\'s '
+                  '"default" chip config) instead of the one megacore device per chip that '
+                  'JAX presents on these chips.')
 flags.DEFINE_integer('dataset_size', 0, 'Training pairs (sizes the bank teacher\'s state).')
 flags.mark_flags_as_required(['config'])
 
-HBM_PER_CHIP_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}
-CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}  # accelerator-type counts
+# What JAX presents on each TPU generation: v4 and v5p chips hold two TensorCores that JAX
+# drives as one "megacore" device with the chip's whole HBM; v5e and v6e chips have one core.
+# Accelerator-type names count TensorCores for v4 / v5p (v4-128: 64 chips) and chips otherwise.
+CHIPS = {  # kind: (cores per chip, HBM GiB per chip, megacore)
+    'v4': (2, 32, True), 'v5p': (2, 95, True), 'v5e': (1, 16, False), 'v6e': (1, 32, False)}
+DEVICE_KINDS = {'TPU v4': 'v4', 'TPU v5': 'v5p', 'TPU v5 lite': 'v5e', 'TPU v6 lite': 'v6e'}
 SHAPES_3D = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
              256: '4x8x8', 512: '8x8x8'}
 SHAPES_2D = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
@@ -51,17 +60,40 @@ def topology_name(name: str) -> str:
     if ':' in name:
         return name
     kind, _, count = name.partition('-')
-    if kind not in CORES_PER_CHIP or not count.isdigit():
+    if kind not in CHIPS or not count.isdigit():
         raise ValueError(f'--topology={name!r} is not known; use <type>-<cores> with type one '
-                         f'of {sorted(CORES_PER_CHIP)} (e.g. v4-128, v5e-256) or a topology '
+                         f'of {sorted(CHIPS)} (e.g. v4-128, v5e-256) or a topology '
                          'name such as v4:4x4x4')
-    chips = int(count) // CORES_PER_CHIP[kind]
+    cores = CHIPS[kind][0]
+    chips = int(count) // cores
     shapes = SHAPES_3D if kind in ('v4', 'v5p') else SHAPES_2D
     if chips not in shapes:
         raise ValueError(f'--topology={name!r}: {chips} chips is not a standard {kind} slice; '
-                         f'allowed core counts: '
-                         f'{[c * CORES_PER_CHIP[kind] for c in sorted(shapes)]}')
+                         f'allowed core counts: {[c * cores for c in sorted(shapes)]}')
     return f'{kind}:{shapes[chips]}'
+
+
+def slice_layout(name: str, per_core: bool = False) -> dict:
+    """What a user's JAX sees on the slice `name`: {'topology', 'chip_config', 'chips',
+    'devices', 'hbm_gib' (per device)}. v4 / v5p: one megacore device per chip with the chip's
+    HBM; `per_core`: libtpu's other layout, a device per TensorCore with half of it."""
+    full = topology_name(name)
+    kind, shape = full.split(':')
+    if kind not in CHIPS:
+        raise ValueError(f'--topology={name!r}: TPU kind {kind!r} is not known; allowed: '
+                         f'{sorted(CHIPS)}')
+    cores, hbm, megacore = CHIPS[kind]
+    chips = math.prod(int(x) for x in shape.split('x'))
+    split = per_core and megacore
+    return {'topology': full, 'chip_config': 'default' if split or not megacore else 'megacore',
+            'chips': chips, 'devices': chips * (cores if split else 1),
+            'hbm_gib': hbm / cores if split else float(hbm)}
+
+
+def peak_host_gib() -> float:
+    """The peak resident memory of this process so far (the compile's host RAM), GiB."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 @contextlib.contextmanager
@@ -79,34 +111,39 @@ def _stderr_into(held):
         os.close(saved)
 
 
-def devices_for(topology: str | None, cpu_devices: int) -> tuple[list, str, float | None]:
-    """(devices, a label, HBM GiB per device or None)."""
+def devices_for(topology: str | None, cpu_devices: int, per_core: bool = False
+                ) -> tuple[list, str, float | None]:
+    """(devices, a label, HBM GiB per device or None): the slice as slice_layout describes
+    it, or the machine's own devices without a topology."""
     import jax
     if topology is None:
         devices = jax.devices()[:cpu_devices]
         return devices, f'{len(devices)} x {devices[0].device_kind} (stand-in: no TPU)', None
+    layout = slice_layout(topology, per_core)
     held = tempfile.TemporaryFile(mode='w+')
     try:
         from jax.experimental import topologies
         with _stderr_into(held):
             desc = topologies.get_topology_desc(platform='tpu',
-                                                topology_name=topology_name(topology))
+                                                topology_name=layout['topology'],
+                                                chip_config_name=layout['chip_config'])
     except (ImportError, RuntimeError) as e:
         held.seek(0)
         sys.stderr.write(held.read())
         raise ValueError(f'--topology={topology!r} needs libtpu (pip install -e \'.[aot]\'): '
                          f'{str(e).splitlines()[0][:200]}') from e
     devices = list(desc.devices)
-    kind = devices[0].device_kind
-    chips = math.prod(int(x) for x in topology_name(topology).split(':')[1].split('x'))
-    hbm = HBM_PER_CHIP_GIB.get(kind)
-    per_device = None if hbm is None else hbm * chips / len(devices)
-    return devices, f'{topology} ({len(devices)} x {kind})', per_device
+    if len(devices) != layout['devices']:
+        raise ValueError(f'--topology={topology!r}: libtpu gave {len(devices)} devices where '
+                         f'{layout["devices"]} were expected ({layout["chip_config"]} chips)')
+    what = 'per TensorCore' if layout['chip_config'] == 'default' and per_core else 'per chip'
+    return (devices, f'{topology} ({len(devices)} x {devices[0].device_kind}, one device '
+            f'{what})', layout['hbm_gib'])
 
 
 def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
     """Compile the config's train step at `global_batch` on `devices`; its numbers."""
-    from psd_jax import config as config_lib, mfu, sharding, step
+    from psd_jax import config as config_lib, flops, mfu, sharding, step
     config = config.copy_and_resolve_references()
     config.data.global_batch = global_batch
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
@@ -127,7 +164,9 @@ def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
     memory = compiled.memory_analysis()
     gib = 2 ** 30
     out = {'global_batch': global_batch, 'mesh': dict(mesh.shape), 'compile_s': seconds,
-           'flops_per_device': mfu.step_flops(compiled)}
+           'flops_per_device': mfu.step_flops(compiled),
+           'model_flops_per_device': flops.from_config(config).total / len(devices),
+           'peak_host_gib': peak_host_gib()}
     for key in ('argument', 'output', 'temp', 'alias'):
         out[f'{key}_gib'] = getattr(memory, f'{key}_size_in_bytes', 0) / gib
     out['total_gib'] = out['argument_gib'] + out['output_gib'] + out['temp_gib'] - out[
@@ -175,9 +214,13 @@ def report(label: str, numbers: dict, hbm: float | None, scanned: bool = False) 
         return False
     for key in ('argument', 'output', 'temp', 'alias', 'total'):
         print(f'  {key + " GiB/device":>22}: {numbers[key + "_gib"]:.3f}')
-    print(f'  {"TFLOP/step":>22}: {numbers["flops_per_step"] / 1e12:.3f} '
-          f'({numbers["flops_per_device"] / 1e12:.3f} per device)'
+    print(f'  {"model TFLOP/device":>22}: {numbers["model_flops_per_device"] / 1e12:.3f} '
+          '(the architecture\'s, what MFU counts)')
+    print(f'  {"XLA TFLOP/device":>22}: {numbers["flops_per_device"] / 1e12:.3f} '
+          f'({numbers["flops_per_step"] / 1e12:.3f} per step; remat recomputation included)'
           + (' (undercounted: XLA counts a scanned loop\'s body once)' if scanned else ''))
+    print(f'  {"peak host GiB":>22}: {numbers["peak_host_gib"]:.1f} (this process, compile '
+          'included)')
     if hbm is None:
         print('  no HBM limit for these devices: nothing to fit against')
         return True
@@ -194,7 +237,7 @@ def main(argv) -> None:
     quiet_libraries()  # e.g. JAX's INFO line that no TPU backend could be started here
     try:
         config_lib.validate(FLAGS.config)
-        devices, label, hbm = devices_for(FLAGS.topology, FLAGS.cpu_devices)
+        devices, label, hbm = devices_for(FLAGS.topology, FLAGS.cpu_devices, FLAGS.per_core)
         hbm = FLAGS.hbm_gib or hbm
         numbers = compile_for(FLAGS.config, devices, FLAGS.config.data.global_batch,
                               FLAGS.dataset_size)

@@ -1,10 +1,14 @@
-"""Model FLOPs utilisation: the compiled step's FLOPs per device (XLA's cost analysis) over
-the step time and the device's peak.
+"""Model FLOPs utilisation (MFU) and hardware FLOPs utilisation (HFU).
+
+`mfu`: the architecture's FLOPs per step (psd_jax/flops.py: forward + backward of both towers
+and the similarity matrix, plus a teacher's forward) per device, over the step time and the
+device's peak for the compute dtype, the figure papers and maxtext report. `hfu`: XLA's count
+of what the compiled program does (remat's recomputation included; a scanned stack's body
+counted once), over the same.
 
 The peak comes from `metrics.peak_flops_per_device` when set, else from the table below by
-`device_kind` (dense matmul peaks per device as the vendors state them, for the compute dtype),
-else, on a CPU, from a matmul probe measured once. Unknown accelerators report no MFU (a
-warning says to set the key).
+`device_kind`, else, on a CPU, from a matmul probe measured once. Unknown accelerators report
+no MFU (a warning says to set the key).
 """
 
 from __future__ import annotations
@@ -14,24 +18,38 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense peak FLOP/s per device, by a substring of jax's device_kind: (bfloat16, float32).
-# TPU float32 matmuls run as several bfloat16 passes: XLA's default precision uses one.
+# Dense peak FLOP/s per device (one chip: JAX presents a v4 / v5p megacore chip as one
+# device), by a substring of jax's device_kind: (bfloat16, tensorfloat32, float32).
+# TPUs run float32 matmuls as bfloat16 passes (XLA's default precision: one pass); NVIDIA
+# GPUs run them as TF32 unless jax_default_matmul_precision asks for 'highest'.
 PEAK_FLOPS = (
-    ('TPU v6 lite', (918e12, 918e12)),   # v6e
-    ('TPU v5 lite', (197e12, 197e12)),   # v5e
-    ('TPU v5', (459e12, 459e12)),        # v5p
-    ('TPU v4', (275e12, 275e12)),
-    ('H200', (989e12, 67e12)),           # SXM; float32 without tensor cores
-    ('H100', (989e12, 67e12)),
-    ('A100', (312e12, 19.5e12)),
+    ('TPU v6 lite', (918e12, 918e12, 918e12)),   # v6e
+    ('TPU v5 lite', (197e12, 197e12, 197e12)),   # v5e
+    ('TPU v5', (459e12, 459e12, 459e12)),        # v5p
+    ('TPU v4', (275e12, 275e12, 275e12)),
+    ('H200', (989e12, 494e12, 67e12)),           # SXM, dense (no sparsity)
+    ('H100', (989e12, 494e12, 67e12)),
+    ('A100', (312e12, 156e12, 19.5e12)),
 )
+FULL_FLOAT32 = ('highest', 'float32', 'fastest_float32_matmul')  # precisions without TF32
+
+
+def float32_matmul_mode() -> str:
+    """'float32' when jax_default_matmul_precision asks for full float32 matmuls, else
+    'tensorfloat32' (JAX's default on NVIDIA GPUs)."""
+    setting = str(jax.config.jax_default_matmul_precision or '').lower()
+    return 'float32' if setting in FULL_FLOAT32 else 'tensorfloat32'
 
 
 def table_peak(device_kind: str, dtype: str) -> float | None:
-    """The table's peak for a device kind and compute dtype ('bfloat16' | 'float32')."""
-    for name, (bf16, f32) in PEAK_FLOPS:
+    """The table's peak for a device kind and compute dtype ('bfloat16', 'float32' (as the
+    default precision runs it) or 'tensorfloat32')."""
+    if dtype == 'float32':
+        dtype = float32_matmul_mode()
+    column = {'bfloat16': 0, 'tensorfloat32': 1, 'float32': 2}[dtype]
+    for name, peaks in PEAK_FLOPS:
         if name in device_kind:
-            return bf16 if dtype == 'bfloat16' else f32
+            return peaks[column]
     return None
 
 
@@ -50,12 +68,15 @@ def probe_peak(device: jax.Device, n: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_flops(configured: float, device: jax.Device, dtype: str) -> tuple[float | None, str]:
-    """(peak FLOP/s per device or None, where it came from) for the MFU metric."""
+    """(peak FLOP/s per device or None, where it came from) for the MFU metric; `dtype` is
+    model.dtype (float32 compute reads the TF32 peak on NVIDIA GPUs unless JAX's matmul
+    precision is 'highest')."""
     if configured > 0:
         return configured, 'metrics.peak_flops_per_device'
     found = table_peak(device.device_kind, dtype)
     if found is not None:
-        return found, f'the {dtype} peak of {device.device_kind}'
+        shown = float32_matmul_mode() if dtype == 'float32' else dtype
+        return found, f'the {shown} peak of {device.device_kind}'
     if device.platform == 'cpu':
         return probe_peak(device), 'a float32 matmul probe on this CPU'
     return None, f'unknown for {device.device_kind}: set metrics.peak_flops_per_device'
@@ -69,8 +90,9 @@ def mfu(flops_per_device: float, step_time_s: float, peak: float | None) -> floa
 
 
 def step_flops(compiled) -> float:
-    """FLOPs per device of a compiled program (XLA's cost analysis; 0 when it has none). A
-    scanned loop's body is counted once, so scanned layers undercount."""
+    """FLOPs per device of a compiled program (XLA's cost analysis; 0 when it has none): the
+    hardware count behind `hfu`. A scanned loop's body is counted once, so scanned layers
+    undercount; remat's recomputation is counted."""
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get('flops', 0.0))

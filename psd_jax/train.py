@@ -17,7 +17,7 @@ from etils import epath
 
 from psd_jax import batch as batch_lib
 from psd_jax import checkpointing, config as config_lib, guard, layout, metrics, resume, sharding
-from psd_jax import mfu as mfu_lib, pretrained
+from psd_jax import flops as flops_lib, mfu as mfu_lib, pretrained
 from psd_jax import step
 from psd_jax import workdir as workdir_lib
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
@@ -185,7 +185,7 @@ class Loop:
     setup: step.StepSetup
     spec: dict
     train_step: Callable
-    flops: float
+    flops: float  # XLA's count per device (hfu)
     ckpt: checkpointing.Checkpointer
     writer: metrics.MetricsWriter
     tokenizer: Callable
@@ -198,11 +198,15 @@ class Loop:
         device = self.setup.mesh.devices.flat[0]
         self.peak, source = mfu_lib.peak_flops(self.config.metrics.peak_flops_per_device,
                                                device, self.config.model.dtype)
+        model = flops_lib.from_config(self.config)
+        self.model_flops = model.total / self.setup.mesh.size  # per device
         if self.peak is None:
             logging.warning('MFU not reported: peak FLOP/s %s', source)
         else:
-            logging.info('MFU against %.1f TFLOP/s per device (%s); %.3f TFLOP per step and '
-                         'device', self.peak / 1e12, source, self.flops / 1e12)
+            logging.info('MFU against %.1f TFLOP/s per device (%s); model FLOPs per step %.4g '
+                         'T (teacher forward %.4g T of them), %.4g T per device; XLA counts '
+                         '%.4g T per device (hfu)', self.peak / 1e12, source, model.total / 1e12,
+                         model.teacher / 1e12, self.model_flops / 1e12, self.flops / 1e12)
 
     def run(self, state, start: int, iterator) -> tuple[Any, bool]:
         """Steps from `start` to train.steps; returns (state, whether a preemption stopped
@@ -251,9 +255,10 @@ class Loop:
         per_step = (time.perf_counter() - self.tick) / max(done - self.tick_step, 1)
         scalars.update(step_time_s=per_step,
                        images_per_s=self.config.data.global_batch / per_step)
-        utilisation = mfu_lib.mfu(self.flops, per_step, self.peak)
-        if utilisation is not None:
-            scalars['mfu'] = utilisation
+        for name, count in (('mfu', self.model_flops), ('hfu', self.flops)):
+            utilisation = mfu_lib.mfu(count, per_step, self.peak)
+            if utilisation is not None:
+                scalars[name] = utilisation
         self.writer.write(done, scalars)
         self.writer.advance(done)
         self.tick, self.tick_step = time.perf_counter(), done

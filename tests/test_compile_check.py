@@ -40,10 +40,30 @@ def test_slice_names_map_to_topologies():
         compile_check.topology_name('v4-6')
 
 
+@pytest.mark.parametrize('name, per_core, devices, hbm', [
+    ('v4-128', False, 64, 32.0),    # megacore: one device per chip, as JAX presents a v4
+    ('v4-128', True, 128, 16.0),    # libtpu's per-TensorCore layout, only when asked
+    ('v5p-128', False, 64, 95.0),
+    ('v5p-8', True, 8, 47.5),
+    ('v5e-256', False, 256, 16.0),  # one core per chip: per_core changes nothing
+    ('v5e-256', True, 256, 16.0),
+    ('v6e-8', False, 8, 32.0),
+    ('v4:2x2x2', False, 8, 32.0),
+])
+def test_slices_as_jax_presents_them(name, per_core, devices, hbm):
+    layout = compile_check.slice_layout(name, per_core)
+    assert (layout['devices'], layout['hbm_gib']) == (devices, hbm)
+    assert layout['chips'] * {'v4': 32, 'v5p': 95, 'v5e': 16, 'v6e': 32}[
+        layout['topology'].split(':')[0]] == devices * hbm  # the slice's HBM, however split
+    with pytest.raises(ValueError, match=r"TPU kind 'v3' is not known"):
+        compile_check.slice_layout('v3:2x2')
+
+
 def test_cpu_stand_in_reports_and_fails_when_over_the_limit():
     result = run()
     assert result.returncode == 0, result.stderr[-2000:]
     assert '8 x cpu (stand-in: no TPU)' in result.stdout and 'total GiB/device' in result.stdout
+    assert 'model TFLOP/device' in result.stdout and 'peak host GiB' in result.stdout
     tight = run('--hbm_gib=0.001')
     assert tight.returncode == 1 and 'DOES NOT FIT' in tight.stdout, tight.stdout[-2000:]
     bad = run('--topology=v9-8')
@@ -55,8 +75,12 @@ def test_cpu_stand_in_reports_and_fails_when_over_the_limit():
 def test_tpu_topology_compiles_and_reports_hbm():
     result = run('--topology=v4-8', '--config.data.global_batch=64', tpu=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert 'v4-8 (8 x TPU v4)' in result.stdout
-    assert 'HBM GiB/device: 16.0 -> fits' in result.stdout
+    assert 'v4-8 (4 x TPU v4, one device per chip)' in result.stdout
+    assert 'HBM GiB/device: 32.0 -> fits' in result.stdout
+    cores = run('--topology=v4-8', '--per_core', '--config.data.global_batch=64', tpu=True)
+    assert cores.returncode == 0, cores.stderr[-2000:]
+    assert 'v4-8 (8 x TPU v4, one device per TensorCore)' in cores.stdout
+    assert 'HBM GiB/device: 16.0 -> fits' in cores.stdout
     # libtpu's complaints about the TPU host it cannot find are held back off a TPU host
     assert 'TPU_WORKER_HOSTNAMES' not in result.stderr, result.stderr[-2000:]
     # nor JAX's INFO line that no TPU backend could be started on this machine

@@ -16,7 +16,7 @@ def test_peaks_by_device_kind_and_dtype():
     assert mfu.table_peak('TPU v4', 'bfloat16') == 275e12
     assert mfu.table_peak('TPU v5 lite', 'bfloat16') == 197e12  # v5e, not v5p
     assert mfu.table_peak('TPU v5', 'bfloat16') == 459e12
-    assert mfu.table_peak('NVIDIA H100 80GB HBM3', 'float32') == 67e12
+    assert mfu.table_peak('NVIDIA H100 80GB HBM3', 'float32') == 494e12  # TF32
     assert mfu.table_peak('NVIDIA A100-SXM4-80GB', 'bfloat16') == 312e12
     assert mfu.table_peak('cpu', 'float32') is None
 
