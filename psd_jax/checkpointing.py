@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 import grain.python as grain
+import numpy as np
 from absl import logging
 from etils import epath
 import jax
@@ -54,6 +55,35 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint restored without error but its arrays differ from what was saved."""
 
 
+class CheckpointUnavailable(OSError):
+    """A checkpoint could not be read for a reason that is not damage (storage that did not
+    answer): every host stops, nothing is set aside."""
+
+
+ITEMS = ('state', 'data', 'config', 'hosts', 'integrity')
+READ_TRIES = 3  # reads of a checkpoint that fail transiently, before giving up
+READ_PAUSE_S = 2.0  # the pause after the first failed read; doubled after each
+# OSErrors that say the data is not there (damage), not that the storage failed to answer
+MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+TRANSIENT_WORDS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'timed out', 'Connection reset',
+                   'Temporary failure', 'try again', '503 ', '429 ')
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed read may succeed if tried again (storage that did not answer: a
+    timeout, a reset connection, a service unavailable) rather than show damage."""
+    if isinstance(error, CheckpointUnavailable):
+        return True
+    if isinstance(error, OSError) and not isinstance(error, MISSING):
+        return True
+    text = str(error)
+    return any(word in text for word in TRANSIENT_WORDS)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0][:300] if str(error) else ''
+
+
 class Checkpointer:
     """Save / restore {state, data iterator, config} under `<workdir>/checkpoints`.
 
@@ -72,8 +102,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None, enable_async_checkpointing=asynchronous, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=('state', 'data', 'config', 'hosts',
-                                                         'integrity'))
+                                             item_names=ITEMS)
+        self._reader = None  # this process's own reader (see _read)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -85,12 +115,14 @@ class Checkpointer:
         first if it reads back."""
         self.manager.wait_until_finished()
         self.prune()
-        args = ocp.args.Composite(
+        items = dict(
             state=ocp.args.StandardSave(_to_saveable(state)),
-            data=grain.PyGrainCheckpointSave(iterator),
             config=ocp.args.JsonSave(config),
             hosts=ocp.args.JsonSave({'process_count': jax.process_count()}),
             integrity=ocp.args.JsonSave({'fingerprint': fingerprint(state)}))
+        if iterator is not None:  # None: the state alone (a run without a data position)
+            items['data'] = grain.PyGrainCheckpointSave(iterator)
+        args = ocp.args.Composite(**items)
         started = self.manager.save(step, args=args, force=force)
         if started:
             logging.info('checkpoint %d: saving to %s', step, self.directory)
@@ -100,10 +132,18 @@ class Checkpointer:
                 step: int | None = None) -> tuple[TrainState, int]:
         """Restore into `abstract_state`'s shardings (any mesh) and move `iterator` to the saved
         position (None: the state only). Raises FileNotFoundError naming the directory when it
-        holds no checkpoint."""
+        holds no checkpoint, CorruptCheckpoint when the arrays differ from what was saved."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {self.directory}')
+        state, saved = self._read_state(abstract_state, iterator, step)
+        self._verify(state, saved, step)
+        return state, step
+
+    def _read_state(self, abstract_state: TrainState, iterator: Any, step: int
+                    ) -> tuple[TrainState, list[int] | None]:
+        """(the state, its saved fingerprint or None) of `step`, read by this host alone (the
+        reader has no barrier, so a host whose read fails never leaves the others waiting)."""
         key_shape = jax.eval_shape(jax.random.key_data, abstract_state.rng)
         target = abstract_state.replace(rng=jax.ShapeDtypeStruct(
             key_shape.shape, key_shape.dtype, sharding=abstract_state.rng.sharding))
@@ -112,19 +152,40 @@ class Checkpointer:
             items['data'] = grain.PyGrainCheckpointRestore(iterator)
         if (self.directory / str(step) / 'integrity').exists():
             items['integrity'] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, items)
         state = restored['state'].replace(rng=jax.random.wrap_key_data(restored['state'].rng))
-        if 'integrity' in items:
-            saved, now = restored['integrity']['fingerprint'], fingerprint(state)
-            bad = [keystr for (keystr, _), a, b in zip(
-                jax.tree_util.tree_flatten_with_path(_to_saveable(state))[0], saved, now)
-                if a != b]
-            if bad or len(saved) != len(now):
-                raise CorruptCheckpoint(
-                    f'checkpoint {step}: {len(bad)} arrays differ from what was saved (first: '
-                    f'{jax.tree_util.keystr(bad[0]) if bad else "leaf count"}): the files were '
-                    'damaged after writing')
-        return state, step
+        saved = restored['integrity']['fingerprint'] if 'integrity' in items else None
+        return state, saved
+
+    def _verify(self, state: TrainState, saved: list[int] | None, step: int) -> None:
+        """CorruptCheckpoint when `state` differs from the fingerprint saved with it (a
+        computation over the global arrays: every host runs it and gets the same answer)."""
+        if saved is None:
+            return
+        now = fingerprint(state)
+        bad = [keystr for (keystr, _), a, b in zip(
+            jax.tree_util.tree_flatten_with_path(_to_saveable(state))[0], saved, now)
+            if a != b]
+        if bad or len(saved) != len(now):
+            raise CorruptCheckpoint(
+                f'checkpoint {step}: {len(bad)} arrays differ from what was saved (first: '
+                f'{jax.tree_util.keystr(bad[0]) if bad else "leaf count"}): the files were '
+                'damaged after writing')
+
+    def _read(self, step: int, items: dict) -> dict:
+        """Restore `items` of `step` through a reader of this process alone (Orbax's restore
+        ends in a barrier across hosts otherwise)."""
+        if self._reader is None:
+            options = ocp.CheckpointManagerOptions(
+                create=False, read_only=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=jax.process_index(), active_processes={jax.process_index()},
+                    barrier_sync_key_prefix=f'reader{jax.process_index()}'))
+            self._reader = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=ITEMS)
+        else:
+            self._reader.reload()
+        return self._reader.restore(step, args=ocp.args.Composite(**items))
 
     def saved_process_count(self, step: int | None = None) -> int | None:
         """How many hosts wrote this checkpoint (None: not recorded). The data position of
@@ -132,42 +193,52 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None or not (self.directory / str(step) / 'hosts').exists():
             return None
-        return int(self.manager.restore(step, args=ocp.args.Composite(
-            hosts=ocp.args.JsonRestore()))['hosts']['process_count'])
+        return int(self._read(step, {'hosts': ocp.args.JsonRestore()})['hosts']['process_count'])
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {self.directory}')
-        return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))['config']
+        return self._read(step, {'config': ocp.args.JsonRestore()})['config']
 
     def restore_newest_readable(self, abstract_for: Callable[[dict], TrainState],
                                 fresh_iterator: Callable[[], Any],
                                 check_config: Callable[[dict, int], None]
                                 ) -> tuple[TrainState, int, Any, dict]:
-        """The newest checkpoint that restores: (state, step, the data iterator at its
-        position, or None when it was written by another number of hosts, whose per-host
-        positions do not apply, its config). `check_config(saved_config, step)` runs before
-        the state is read and may raise (a forbidden config change); the state is restored
-        into `abstract_for(saved_config)`. A checkpoint that fails to restore (a
-        missing item, a damaged file) is reported with the reason and moved aside to
-        `<workdir>/damaged_checkpoints/` (process 0), so the run can write that step again;
-        when none restores, FileNotFoundError lists each one tried and why."""
+        """The newest checkpoint that restores on every host: (state, step, the data iterator
+        at its position, or None when it was written by another number of hosts, whose
+        per-host positions do not apply, its config). `check_config(saved_config, step)` runs
+        before the state is read and may raise (a forbidden config change); the state is
+        restored into `abstract_for(saved_config)`.
+
+        Every host reads on its own (no collective can wait on a host that failed) and the
+        verdicts are combined: damage seen by any host (a missing item or file, a decode
+        failure, a fingerprint that differs) makes every host try the previous checkpoint,
+        and once one restores everywhere, the damaged ones are moved aside to
+        `<workdir>/damaged_checkpoints/` by process 0 between barriers all hosts reach. A
+        transient I/O error is retried (`READ_TRIES`) and then stops every host with
+        CheckpointUnavailable, setting nothing aside. When none restores, FileNotFoundError
+        lists each one tried and why."""
         tried = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                config = self.restore_config(step)
-            except Exception as e:  # noqa: BLE001 -- any failure: try the previous one
-                tried.append(self._report(step, e))
+            config, error = self._read_retrying(lambda: self.restore_config(step))
+            if not self._agree(step, error, tried):
                 continue
             check_config(config, step)
-            iterator = None
-            try:
+
+            def read_state():
+                iterator = None
                 if self.saved_process_count(step) in (None, jax.process_count()):
                     iterator = fresh_iterator()
-                state, _ = self.restore(abstract_for(config), iterator, step)
-            except Exception as e:  # noqa: BLE001
+                return self._read_state(abstract_for(config), iterator, step), iterator
+
+            read, error = self._read_retrying(read_state)
+            if not self._agree(step, error, tried):
+                continue
+            (state, saved), iterator = read
+            try:  # a collective computation: every host gets here and gets the same answer
+                self._verify(state, saved, step)
+            except CorruptCheckpoint as e:
                 tried.append(self._report(step, e))
                 continue
             if tried:
@@ -176,15 +247,63 @@ class Checkpointer:
         raise FileNotFoundError(f'no checkpoint in {self.directory} can be restored; tried: '
                                 + '; '.join(tried))
 
-    def _report(self, step: int, error: Exception) -> str:
-        first = str(error).splitlines()[0][:300] if str(error) else ''
-        reason = f'{type(error).__name__}: {first}'
-        logging.warning('checkpoint %d in %s cannot be restored (%s); trying the previous one',
-                        step, self.directory, reason)
+    def _read_retrying(self, read: Callable[[], Any]) -> tuple[Any, Exception | None]:
+        """(read(), None), or (None, the error) once it failed for good: a transient error
+        (is_transient) is retried READ_TRIES times with a doubling pause."""
+        for attempt in range(READ_TRIES):
+            try:
+                return read(), None
+            except Exception as e:  # noqa: BLE001 -- classified by the caller
+                if not is_transient(e) or attempt == READ_TRIES - 1:
+                    return None, e
+                logging.warning('reading a checkpoint in %s failed (%s: %s); retrying in %.0f s',
+                                self.directory, type(e).__name__, _first_line(e),
+                                READ_PAUSE_S * 2 ** attempt)
+                time.sleep(READ_PAUSE_S * 2 ** attempt)
+        raise AssertionError('unreachable')
+
+    def _agree(self, step: int, error: Exception | None, tried: list[str]) -> bool:
+        """Combine every host's verdict on `step`: True when all read it; False (recorded in
+        `tried`) when any host found damage; CheckpointUnavailable on every host when a host's
+        read failed transiently and none found damage."""
+        mine = 0 if error is None else (2 if is_transient(error) else 1)
+        if error is not None:
+            self._report(step, error, log=mine == 1)
+        verdicts = [mine]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            verdicts = [int(v) for v in np.asarray(multihost_utils.process_allgather(
+                np.asarray([mine], np.int32))).reshape(-1)]
+        if not any(verdicts):
+            return True
+        hosts = lambda code: [i for i, v in enumerate(verdicts) if v == code]  # noqa: E731
+        if hosts(1):
+            why = (f'{type(error).__name__}: {_first_line(error)}' if mine == 1
+                   else f'damaged as read by host(s) {hosts(1)}')
+            tried.append(f'step {step} ({why})')
+            return False
+        raise CheckpointUnavailable(
+            f'checkpoint {step} in {self.directory} could not be read by host(s) {hosts(2)} '
+            f'after {READ_TRIES} tries (' + (f'{type(error).__name__}: {_first_line(error)}'
+                                             if mine == 2 else 'a transient I/O error') +
+            '); it is not damaged as far as any host can tell, so nothing was set aside: run '
+            'the same command again once the storage answers')
+
+    def _report(self, step: int, error: Exception, log: bool = True) -> str:
+        reason = f'{type(error).__name__}: {_first_line(error)}'
+        if log:
+            logging.warning('checkpoint %d in %s cannot be restored (%s); trying the previous '
+                            'one', step, self.directory, reason)
         return f'step {step} ({reason})'
 
     def _set_aside(self, good_step: int) -> None:
-        """Move every checkpoint newer than `good_step` out of the checkpoint directory."""
+        """Move every checkpoint newer than `good_step` out of the checkpoint directory: once,
+        by process 0, between two barriers that every process reaches (they all agreed on
+        `good_step`)."""
+        multi = jax.process_count() > 1
+        if multi:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f'set aside checkpoints above {good_step}')
         if jax.process_index() == 0:
             aside = self.directory.parent / 'damaged_checkpoints'
             aside.mkdir(parents=True, exist_ok=True)
@@ -193,9 +312,8 @@ class Checkpointer:
                     target = aside / f'{step}-{int(time.time())}'
                     (self.directory / str(step)).rename(target)
                     logging.warning('moved the unreadable checkpoint %d to %s', step, target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices('damaged checkpoints set aside')
+        if multi:
+            multihost_utils.sync_global_devices(f'checkpoints above {good_step} set aside')
         self.manager.reload()
 
     def wait(self) -> None:
@@ -214,8 +332,7 @@ class Checkpointer:
         try:
             self.restore_config(steps[-1])
             if (self.directory / str(steps[-1]) / 'integrity').exists():
-                self.manager.restore(steps[-1], args=ocp.args.Composite(
-                    integrity=ocp.args.JsonRestore()))
+                self._read(steps[-1], {'integrity': ocp.args.JsonRestore()})
         except Exception as e:  # noqa: BLE001
             logging.warning('checkpoint %d does not read back (%s): keeping the older ones %s',
                             steps[-1], e, doomed)

@@ -60,6 +60,7 @@ def main(argv) -> None:
     initialize_distributed()
     from psd_jax import train  # after distributed initialisation
 
+    from psd_jax.checkpointing import CheckpointUnavailable
     from psd_jax.guard import TrainingDiverged
 
     try:
@@ -69,11 +70,14 @@ def main(argv) -> None:
         sys.exit(train.PREEMPTED_EXIT_CODE)
     except TrainingDiverged as e:
         fail(e, DIVERGED_EXIT_CODE)
+    except CheckpointUnavailable as e:  # storage did not answer: try again later
+        fail(e, UNAVAILABLE_EXIT_CODE)
     except (ValueError, FileNotFoundError) as e:  # config and input errors: no traceback
         fail(e, 2)
 
 
 DIVERGED_EXIT_CODE = 3
+UNAVAILABLE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint could not be read; nothing was changed
 
 
 def fail(error: Exception, code: int) -> None:
