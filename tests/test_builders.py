@@ -228,7 +228,8 @@ def test_image_folder_classification(tmp_path):
     assert builder.info.splits['train'].num_examples == 9
     assert builder.info.splits['test'].num_examples == 6
     assert builder.info.features['label'].names == ['golden_retriever', 'red_apple', 'tabby_cat']
-    assert builder.info.metadata['skipped']['train'] == {'undecodable_image': 1}
+    assert builder.info.metadata['skipped']['train'] == {
+        'undecodable_image': 1, 'shards': ['train/red_apple/bad.jpg: undecodable_image']}
     source = datasets.data_source('image_folder_classification/tree', 'test',
                                   str(tmp_path / 'out'))
     labels = sorted(int(source[i]['label']) for i in range(len(source)))

@@ -11,50 +11,79 @@ re-encoded with PIL) and read back with `tfds.data_source`:
 
 from __future__ import annotations
 
-import io
+import functools
 import pathlib
-import tarfile
-from typing import Iterator
+from typing import Any, Callable
 
 import tensorflow_datasets as tfds
-from PIL import Image
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+from psd_jax.data.shards import (IMAGE_SUFFIXES, as_path, checked_image, folder_images,  # noqa: F401
+                                 iterate, read_shard, shard_pairs, shards_in)
 
-
-def checked_image(data: bytes) -> io.BytesIO | None:
-    """The image's own bytes, or None when they do not decode fully.
-
-    Every image is stored as it came (its mode kept: alpha, palette, grey, CMYK), because
-    open_clip's evaluation transform resizes and crops in the image's own mode and converts to
-    RGB last (psd_jax/data/transforms.py); the input pipeline decodes the bytes itself. Read
-    the prepared data with `datasets.data_source` (which skips tfds's decoding; tfds's own
-    decoder cannot give one channel count to images of several modes).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decodes the whole image: truncated files fail here
-            return io.BytesIO(data)
-    except Exception:  # PIL raises many types for corrupt data  # noqa: BLE001
-        return None
+BEAM_NAMESPACE = 'psd_jax.skipped'
 
 
-def _require_dir(path: str | None, what: str) -> pathlib.Path:
+def _require_dir(path: str | None, what: str):
     if not path:
         raise ValueError(f'{what}: no data path given (set the builder config\'s `path`)')
-    p = pathlib.Path(path).expanduser()
+    p = as_path(path)
     if not p.is_dir():
         raise FileNotFoundError(f'{what}: data directory {p} does not exist')
     return p
 
 
-class ImageTextShardsConfig(tfds.core.BuilderConfig):
+class PreparationConfig(tfds.core.BuilderConfig):
+    """`path`: the user's files. `resize_shorter` > 0: images whose shorter side is longer are
+    resized to it at preparation (shards.checked_image). `beam`: prepare as an Apache Beam
+    pipeline (one tar shard or class folder per element; the runner comes from tfds's
+    DownloadConfig, see datasets.prepare), else in this process."""
+
+    def __init__(self, *, path: str | None = None, resize_shorter: int = 0,
+                 beam: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path
+        self.resize_shorter = int(resize_shorter)
+        self.beam = beam
+
+
+class ImageTextShardsConfig(PreparationConfig):
     """`path`: a directory of img2dataset/webdataset tar shards (optionally `train/`, `val/`
     sub-directories, else everything is `train`)."""
 
-    def __init__(self, *, path: str | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.path = path
+
+def _beam_units(label: str, units: list[str], produce: Callable) -> Any:
+    """A Beam PTransform: `units` (shard or folder names) spread over the workers, each turned
+    into its examples by `produce(unit)`, the skip counts kept as Beam counters
+    ('<label>/<reason>' in BEAM_NAMESPACE) and read back by _skipped_from_counters."""
+    import apache_beam as beam
+
+    def examples(unit: str):
+        found, counts, notes = produce(unit)
+        for reason, count in counts.items():
+            if count:
+                beam.metrics.Metrics.counter(BEAM_NAMESPACE, f'{label}/{reason}').inc(count)
+        if notes and hasattr(beam.metrics.Metrics, 'string_set'):
+            names = beam.metrics.Metrics.string_set(BEAM_NAMESPACE, f'{label}/notes')
+            for note in notes[:20]:
+                names.add(note)
+        yield from found
+
+    return (f'{label}: units' >> beam.Create(units) | f'{label}: spread' >> beam.Reshuffle()
+            | f'{label}: examples' >> beam.FlatMap(examples))
+
+
+def _skipped_from_counters(pipeline_result, skipped: dict) -> None:
+    """Fill skipped[split] from the Beam counters _beam_units kept."""
+    from apache_beam.metrics.metric import MetricsFilter
+    metrics = pipeline_result.metrics().query(MetricsFilter().with_namespace(BEAM_NAMESPACE))
+    for result in metrics.get('counters', []):
+        split, _, reason = result.key.metric.name.partition('/')
+        if split in skipped:
+            skipped[split][reason] = skipped[split].get(reason, 0) + int(result.committed or 0)
+    for result in metrics.get('string_sets', []):
+        split, _, _ = result.key.metric.name.partition('/')
+        if split in skipped:
+            skipped[split]['shards'] = sorted(result.committed or ())[:20]
 
 
 class ImageTextShards(tfds.core.GeneratorBasedBuilder):
@@ -90,69 +119,40 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
                                         f'(split {split!r})')
         self.info.metadata['skipped'] = {}
         self.info.metadata['source'] = source_fingerprint(str(root))
+        self.info.metadata['preparation'] = preparation(self.builder_config)
         return {split: self._generate_examples(split, folder) for split, folder in splits.items()}
 
-    def _generate_examples(self, split: str, folder: pathlib.Path) -> Iterator:
-        skipped = {'undecodable_image': 0, 'missing_caption': 0, 'missing_image': 0,
-                   'unreadable_shard': 0, 'truncated_shard': 0, 'shards': []}
+    def _generate_examples(self, split: str, folder):
+        skipped = dict.fromkeys(('undecodable_image', 'missing_caption', 'missing_image',
+                                 'unreadable_shard', 'truncated_shard'), 0)
+        skipped['shards'] = []
         self.info.metadata['skipped'][split] = skipped
+        produce = functools.partial(shard_pairs,
+                                    resize_shorter=self.builder_config.resize_shorter)
+        shards = shards_in(folder)
+        if self.builder_config.beam:
+            return _beam_units(split, [str(p) for p in shards], produce)
+        return self._checked(split, folder, iterate(shards, produce, skipped), skipped)
+
+    @staticmethod
+    def _checked(split, folder, examples, skipped):
         kept = 0
-        for shard in sorted(folder.glob('*.tar')):
-            groups, damage = _read_shard(shard)
-            if damage:
-                skipped['unreadable_shard' if not groups else 'truncated_shard'] += 1
-                skipped['shards'].append(f'{shard.name}: {damage}')
-            for key, files in groups.items():
-                image = next((files[s] for s in IMAGE_SUFFIXES if s in files), None)
-                caption = files.get('.txt', b'').decode('utf-8', 'replace').strip()
-                reason = ('missing_image' if image is None else 'missing_caption'
-                          if not caption else None)
-                checked = checked_image(image) if reason is None else None
-                if reason is None and checked is None:
-                    reason = 'undecodable_image'
-                if reason is not None:
-                    skipped[reason] += 1
-                    if len(skipped['shards']) < 20:
-                        skipped['shards'].append(f'{shard.name}/{key}: {reason}')
-                    continue
-                meta = files.get('.json', b'{}').decode('utf-8', 'replace')
-                uid = f'{shard.stem}/{key}'
-                kept += 1
-                yield uid, {'image': checked, 'caption': caption, 'key': uid, 'json': meta}
+        for example in examples:
+            kept += 1
+            yield example
         if not kept:
             counts = {k: v for k, v in skipped.items() if k != 'shards' and v}
             raise ValueError(f'image_text_shards: {folder} (split {split!r}) has no usable '
                              f'image-caption pair; skipped {counts}: {skipped["shards"][:5]}')
 
+    def _process_pipeline_result(self, pipeline_result) -> None:
+        _skipped_from_counters(pipeline_result, self.info.metadata['skipped'])
 
-def _read_shard(shard: pathlib.Path) -> tuple[dict[str, dict[str, bytes]], str]:
-    """({key: {suffix: bytes}}, damage) of one tar shard (webdataset: files grouped by their
-    stem). A shard damaged part-way (truncated, overwritten) keeps every file read whole before
-    the damage (a pair missing its image or caption is then skipped as such), and `damage`
-    says what failed ('' for an intact shard)."""
-    groups: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name
-                base = name.rsplit('/', 1)[-1]
-                if '.' not in base:
-                    continue
-                stem, suffix = base.split('.', 1)
-                key = name[:len(name) - len(base)] + stem
-                groups.setdefault(key, {})['.' + suffix.lower()] = tar.extractfile(
-                    member).read()
-            end = tar.offset
-    except (tarfile.TarError, OSError, EOFError) as e:  # members read so far are whole
-        return groups, f'{type(e).__name__}: {e}'
-    with open(shard, 'rb') as f:  # a cut at a member boundary reads as a shorter archive:
-        f.seek(end)               # an intact one ends with at least two zero blocks
-        rest = f.read()
-    if len(rest) < 2 * tarfile.BLOCKSIZE or rest.strip(b'\0'):
-        return groups, f'truncated or damaged after byte {end}: no end-of-archive marker'
-    return groups, ''
+
+def preparation(config: PreparationConfig) -> dict:
+    """What, besides the source files, decides the prepared records (stored in the dataset's
+    metadata; a change prepares the data again)."""
+    return {'resize_shorter': config.resize_shorter}
 
 
 def source_fingerprint(path: str) -> dict:
@@ -160,9 +160,15 @@ def source_fingerprint(path: str) -> dict:
     size and modification time, hashed, so that a re-pointed path or changed shards are
     noticed and the dataset prepared again."""
     import hashlib
-    root = pathlib.Path(path).expanduser().resolve()
     digest = hashlib.sha256()
     count = 0
+    if '://' in str(path):  # remote: names and sizes (modification times are coarse there)
+        root = as_path(path)
+        for file in sorted((p for p in root.rglob('*') if p.is_file()), key=str):
+            digest.update(f'{file.relative_to(root)}\0{file.stat().length}\n'.encode())
+            count += 1
+        return {'path': str(root), 'files': count, 'fingerprint': digest.hexdigest()}
+    root = pathlib.Path(path).expanduser().resolve()
     for file in sorted(p for p in root.rglob('*') if p.is_file()):
         stat = file.stat()
         digest.update(f'{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n'
@@ -171,22 +177,26 @@ def source_fingerprint(path: str) -> dict:
     return {'path': str(root), 'files': count, 'fingerprint': digest.hexdigest()}
 
 
+def source_size(path: str) -> int:
+    """Bytes of the images and shards under `path` (decides how it is prepared)."""
+    root = as_path(path)
+    files = [p for p in root.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES + ('.tar',)]
+    return sum(p.stat().st_size if isinstance(p, pathlib.Path) else p.stat().length
+               for p in files)
+
+
 def expected_splits(path: str) -> list[str]:
     """The split names a path-based dataset at `path` will have (its train/, val/ ->
     validation, test/ sub-folders, else one 'train' split), known before preparing it."""
-    root = pathlib.Path(path).expanduser()
+    root = as_path(path)
     found = [('validation' if d == 'val' else d) for d in ('train', 'validation', 'val', 'test')
              if (root / d).is_dir()]
     return found or ['train']
 
 
-class ImageFolderConfig(tfds.core.BuilderConfig):
+class ImageFolderConfig(PreparationConfig):
     """`path`: a folder of class sub-folders, or of split folders (train/, test/, ...) each
     holding class sub-folders."""
-
-    def __init__(self, *, path: str | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.path = path
 
 
 class ImageFolderClassification(tfds.core.GeneratorBasedBuilder):
@@ -198,7 +208,7 @@ class ImageFolderClassification(tfds.core.GeneratorBasedBuilder):
                      '1.1.0': 'Images stored as their source bytes, mode kept (alpha, palette).'}
     BUILDER_CONFIGS = [ImageFolderConfig(name='default')]
 
-    def _layout(self) -> tuple[dict[str, pathlib.Path], list[str]]:
+    def _layout(self) -> tuple[dict[str, Any], list[str]]:
         root = _require_dir(self.builder_config.path, 'image_folder_classification')
         split_dirs = [d for d in ('train', 'validation', 'val', 'test') if (root / d).is_dir()]
         splits = ({('validation' if d == 'val' else d): root / d for d in split_dirs}
@@ -230,23 +240,18 @@ class ImageFolderClassification(tfds.core.GeneratorBasedBuilder):
         splits, classes = self._layout()
         self.info.metadata['skipped'] = {}
         self.info.metadata['source'] = source_fingerprint(self.builder_config.path)
+        self.info.metadata['preparation'] = preparation(self.builder_config)
         return {split: self._generate_examples(split, folder, classes)
                 for split, folder in splits.items()}
 
-    def _generate_examples(self, split: str, folder: pathlib.Path, classes: list[str]):
-        skipped = {'undecodable_image': 0}
+    def _generate_examples(self, split: str, folder, classes: list[str]):
+        skipped = {'undecodable_image': 0, 'shards': []}
         self.info.metadata['skipped'][split] = skipped
-        for name in classes:
-            class_dir = folder / name
-            if not class_dir.is_dir():
-                continue
-            for path in sorted(class_dir.iterdir()):
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                checked = checked_image(path.read_bytes())
-                if checked is None:
-                    skipped['undecodable_image'] += 1
-                    continue
-                key = f'{split}/{name}/{path.name}'
-                yield key, {'image': checked, 'label': name, 'caption': name.replace('_', ' '),
-                            'key': key}
+        produce = functools.partial(folder_images, split, str(folder),
+                                    resize_shorter=self.builder_config.resize_shorter)
+        if self.builder_config.beam:
+            return _beam_units(split, list(classes), produce)
+        return iterate(classes, produce, skipped)
+
+    def _process_pipeline_result(self, pipeline_result) -> None:
+        _skipped_from_counters(pipeline_result, self.info.metadata['skipped'])
