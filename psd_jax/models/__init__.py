@@ -47,6 +47,9 @@ PRESETS: dict[str, ModelSpec] = {
                           image=dict(kind='vit', patch_size=32, width=768, depth=12, heads=12)),
     'ViT-B/16': ModelSpec(embed_dim=512, image_size=224,
                           image=dict(kind='vit', patch_size=16, width=768, depth=12, heads=12)),
+    # open_clip's ViT-S-16 (a small model for single-GPU studies)
+    'ViT-S/16': ModelSpec(embed_dim=384, image_size=224, text_width=384, text_heads=6,
+                          image=dict(kind='vit', patch_size=16, width=384, depth=12, heads=6)),
     'ViT-L/14': ModelSpec(embed_dim=768, image_size=224, text_width=768, text_heads=12,
                           image=dict(kind='vit', patch_size=14, width=1024, depth=24, heads=16)),
     'RN50': ModelSpec(embed_dim=1024, image_size=224,
