@@ -140,8 +140,10 @@ def fit_rows(name: str, args, result: dict, save) -> None:
                'overrides': overrides, 'own_batch': config.data.global_batch,
                'own_total_gib': own.get('total_gib'), 'own_fits': own['fits'] is not False
                and own['total_gib'] <= hbm, 'own_model_tflop_per_device':
-               own.get('model_flops_per_device', 0) / 1e12, 'peak_host_gib':
-               compile_check.peak_host_gib(), 'largest_batch': best, 'tries': tries,
+               own.get('model_flops_per_device', 0) / 1e12, 'own_xla_tflop_per_device':
+               own.get('flops_per_device', 0) / 1e12, 'own_compile_s': own['compile_s'],
+               'process_peak_host_gib_so_far': compile_check.peak_host_gib(),
+               'largest_batch': best, 'tries': tries,
                'seconds': time.perf_counter() - start}
         print(f'  -> largest global batch {best}', flush=True)
         result['fit'].append(row)
