@@ -176,8 +176,8 @@ class Checkpointer:
         """Restore `items` of `step` through a reader of this process alone (Orbax's restore
         ends in a barrier across hosts otherwise)."""
         if self._reader is None:
-            options = ocp.CheckpointManagerOptions(
-                create=False, read_only=True,
+            options = ocp.CheckpointManagerOptions(  # it never saves (read_only would warn)
+                create=False, max_to_keep=None, enable_async_checkpointing=False,
                 multiprocessing_options=ocp.options.MultiprocessingOptions(
                     primary_host=jax.process_index(), active_processes={jax.process_index()},
                     barrier_sync_key_prefix=f'reader{jax.process_index()}'))

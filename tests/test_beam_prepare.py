@@ -78,6 +78,35 @@ def test_beam_on_two_workers_prepares_the_same_records(emoji_shards, tmp_path):
     assert beam.info.metadata['preparation'] == {'resize_shorter': 0}
 
 
+def test_beam_prepares_class_folders_as_one_process_does(tmp_path):
+    """image_folder_classification: one Beam element per class folder; the same records."""
+    pytest.importorskip('apache_beam', reason="apache-beam not installed: pip install -e "
+                        "'.[beam]'")
+    if not (SOURCES / '.complete').exists():
+        pytest.skip('emoji data absent: run `python -m psd_jax.data.fetch`')
+    from psd_jax.data.emoji import load_metadata, png_on_white
+    entries, _, _ = load_metadata(SOURCES)
+    folder = SOURCES / 'emoji-datasource-google' / 'package' / 'img' / 'google' / '64'
+    root = tmp_path / 'folders'
+    for entry in entries[::25][:60]:  # every 25th: several groups, so several elements
+        target = root / 'train' / entry['group'].replace(' ', '_').replace('&', 'and')
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f'{entry["hexcode"]}.jpg').write_bytes(
+            jpeg(Image.open(png_on_white(folder / entry['image']))))
+    (sorted((root / 'train').iterdir())[0] / 'broken.jpg').write_bytes(b'not an image')
+    prints, skipped = [], []
+    for name, how in (('local', datasets.Preparation(workers=0)),
+                      ('beam', datasets.Preparation(workers=2))):
+        builder = datasets.prepare('image_folder_classification', tmp_path / name, 'emoji_groups',
+                                   str(root), how)
+        source = datasets.data_source('image_folder_classification/emoji_groups', 'train',
+                                      tmp_path / name)
+        prints.append(datasets.content_fingerprint(source))
+        skipped.append(builder.info.metadata['skipped']['train']['undecodable_image'])
+    assert prints[0] == prints[1] and prints[0][0] == 60 and skipped == [1, 1]
+    assert len(builder.info.features['label'].names) >= 5
+
+
 def test_resize_at_preparation_keeps_the_aspect(emoji_shards, tmp_path):
     wide = Image.new('RGB', (640, 400), (200, 30, 60))
     small = Image.new('RGB', (100, 80), (10, 20, 30))

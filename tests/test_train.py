@@ -185,6 +185,7 @@ def test_standalone_evaluation_reproduces_the_in_loop_numbers(tmp_path):
     in_loop = json.loads((workdir / 'final_metrics.json').read_text())
     # MFU against a CPU matmul probe: emulated devices share the cores, so well below 1
     assert 0.0 < in_loop['mfu'] < 1.0 and 'matmul probe' in trained.stderr
+    assert in_loop['hfu'] > 0.0 and 'model FLOPs per step' in trained.stderr
     traces = list((workdir / 'profile').rglob('*.xplane.pb'))
     assert traces and traces[0].stat().st_size > 0  # the trace of steps 2-3
     table = json.loads((workdir / 'eval' / 'suite_step_4.json').read_text())
