@@ -39,6 +39,8 @@ flags.DEFINE_float('hbm_gib', 0.0, 'Memory per device to check against (0: the c
 flags.DEFINE_bool('per_core', False, 'v4 / v5p: one device per TensorCore (libtpu\'s '
                   '"default" chip config) instead of the one megacore device per chip that '
                   'JAX presents on these chips.')
+flags.DEFINE_string('out', '', 'Also write the numbers as JSON to this file (with the '
+                    'command and the commit).')
 flags.DEFINE_integer('dataset_size', 0, 'Training pairs (sizes the bank teacher\'s state).')
 flags.mark_flags_as_required(['config'])
 
@@ -229,6 +231,24 @@ def report(label: str, numbers: dict, hbm: float | None, scanned: bool = False) 
     return fits
 
 
+def write_json(path: str, label: str, hbm: float | None, numbers: dict, fits: bool) -> None:
+    """The numbers, what they were measured on, the command line and the code's commit."""
+    import json
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*cmd):
+        return subprocess.run(['git', *cmd], cwd=root, capture_output=True,
+                              text=True).stdout.strip()
+    commit = git('rev-parse', '--short', 'HEAD') + (
+        '+' if git('status', '--porcelain', '--untracked-files=no') else '')
+    record = {'command': 'python -m psd_jax.compile_check ' + ' '.join(sys.argv[1:]),
+              'commit': commit, 'date': time.strftime('%Y-%m-%d'), 'devices': label,
+              'hbm_gib_per_device': hbm, 'fits': fits, **numbers}
+    with open(path, 'w') as f:
+        json.dump(record, f, indent=1)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -245,6 +265,8 @@ def main(argv) -> None:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     fits = report(label, numbers, hbm, FLAGS.config.model.scan_layers)
+    if FLAGS.out:
+        write_json(FLAGS.out, label, hbm, numbers, fits)
     if FLAGS.max_batch and hbm is not None:
         best = largest_batch(FLAGS.config, devices, hbm, FLAGS.dataset_size,
                              FLAGS.config.data.global_batch)
