@@ -44,16 +44,20 @@ def default_data_dir() -> pathlib.Path:
     return fetch.cache_dir() / 'tfds'
 
 
-# A source at least this large is prepared on this machine's cores (Beam's DirectRunner) when
-# workers are not given and apache-beam is installed; smaller ones in this process.
+# A source at least this large is prepared on this machine's cores (Beam's local runner) when
+# workers are not given, apache-beam is installed and the machine has BEAM_MIN_CORES cores;
+# otherwise in this process. (On 2 cores one process prepares 1,603 images/s and Beam's 2
+# workers 818: benchmarks/results/prepare_throughput.json.)
 LARGE_SOURCE_BYTES = 2 * 2 ** 30
+BEAM_MIN_CORES = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Preparation:
     """How a path-based dataset is prepared. `workers`: 0 in this process; N > 0 as an Apache
     Beam pipeline on N local worker processes (DirectRunner, multi_processing); -1 (default):
-    N = the machine's cores for a source of LARGE_SOURCE_BYTES or more, else 0.
+    N = the machine's cores for a source of LARGE_SOURCE_BYTES or more on a machine of
+    BEAM_MIN_CORES cores or more, else 0.
     `beam_runner` (e.g. DataflowRunner, SparkRunner, FlinkRunner) with `beam_options` (Beam's
     own command-line options, e.g. --project=P --region=R --temp_location=gs://...) runs it on
     a cluster instead. `resize_shorter` > 0 resizes images to that shorter side."""
@@ -66,6 +70,9 @@ class Preparation:
         """The worker processes for a source at `path` (0: no Beam)."""
         if self.beam_runner or self.workers >= 0:
             return max(self.workers, 0)
+        cores = os.cpu_count() or 1
+        if cores < BEAM_MIN_CORES:
+            return 0
         size = builders.source_size(path)
         if size < LARGE_SOURCE_BYTES:
             return 0
@@ -247,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--data_dir', help='where prepared data goes (default: the cache)')
     parser.add_argument('--workers', type=int, default=-1,
                         help='Apache Beam worker processes on this machine (0: prepare in this '
-                        'process; default: all cores for a source of 2 GiB or more)')
+                        'process; default: all cores for a source of 2 GiB or more on a machine '
+                        'of 8 cores or more)')
     parser.add_argument('--beam_runner', default='',
                         help='run the preparation on a cluster: DataflowRunner, SparkRunner, '
                         'FlinkRunner (with --beam_options)')
