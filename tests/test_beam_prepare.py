@@ -129,3 +129,19 @@ def test_resize_at_preparation_keeps_the_aspect(emoji_shards, tmp_path):
                         datasets.Preparation(workers=0, resize_shorter=64))
     source = datasets.data_source('image_text_shards/emoji_tars', 'train', tmp_path / 'resized')
     assert Image.open(io.BytesIO(source[3]['image'])).size == (64, 64)
+
+
+def test_beam_is_the_default_only_for_large_sources_on_many_cores(monkeypatch, tmp_path):
+    pytest.importorskip('apache_beam', reason="apache-beam not installed")
+    (tmp_path / '00000.tar').write_bytes(b'\0' * 4096)
+    how = datasets.Preparation()
+    monkeypatch.setattr(datasets.os, 'cpu_count', lambda: 16)
+    assert how.workers_for(str(tmp_path)) == 0  # 4 KiB: one process
+    monkeypatch.setattr(datasets, 'LARGE_SOURCE_BYTES', 1024)
+    assert how.workers_for(str(tmp_path)) == 16
+    monkeypatch.setattr(datasets.os, 'cpu_count', lambda: 2)
+    assert how.workers_for(str(tmp_path)) == 0  # Beam is slower than one process on 2 cores
+    assert datasets.Preparation(workers=3).workers_for(str(tmp_path)) == 3
+    with pytest.raises(ValueError, match='workers, beam_runner and resize_shorter apply to'):
+        datasets.prepare('fashion_mnist_local', tmp_path / 'out', path=str(tmp_path),
+                         how=datasets.Preparation(resize_shorter=64))
