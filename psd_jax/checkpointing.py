@@ -219,10 +219,11 @@ class Checkpointer:
         transient I/O error is retried (`READ_TRIES`) and then stops every host with
         CheckpointUnavailable, setting nothing aside. When none restores, FileNotFoundError
         lists each one tried and why."""
-        tried = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        tried, damaged = [], []
+        for step in self._agreed_steps():
             config, error = self._read_retrying(lambda: self.restore_config(step))
             if not self._agree(step, error, tried):
+                damaged.append(step)
                 continue
             check_config(config, step)
 
@@ -234,18 +235,39 @@ class Checkpointer:
 
             read, error = self._read_retrying(read_state)
             if not self._agree(step, error, tried):
+                damaged.append(step)
                 continue
             (state, saved), iterator = read
             try:  # a collective computation: every host gets here and gets the same answer
                 self._verify(state, saved, step)
             except CorruptCheckpoint as e:
                 tried.append(self._report(step, e))
+                damaged.append(step)
                 continue
-            if tried:
-                self._set_aside(step)
+            if damaged:
+                self._set_aside(damaged)
             return state, step, iterator, config
         raise FileNotFoundError(f'no checkpoint in {self.directory} can be restored; tried: '
                                 + '; '.join(tried))
+
+    def _agreed_steps(self) -> list[int]:
+        """The checkpoint steps every host sees, newest first (hosts whose listings of shared
+        storage disagree try the same steps in the same order; a step some host does not see
+        is skipped with a warning, never set aside)."""
+        mine = sorted(self.manager.all_steps(), reverse=True)
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+        longest = int(np.max(multihost_utils.process_allgather(np.asarray([len(mine)]))))
+        padded = np.full((max(longest, 1),), -1, np.int64)
+        padded[:len(mine)] = mine
+        seen = np.asarray(multihost_utils.process_allgather(padded)).reshape(
+            jax.process_count(), -1)
+        agreed = [s for s in mine if all(s in row for row in seen)]
+        for step in sorted(set(mine) - set(agreed), reverse=True):
+            logging.warning('checkpoint %d in %s is not seen by every host: skipped', step,
+                            self.directory)
+        return agreed
 
     def _read_retrying(self, read: Callable[[], Any]) -> tuple[Any, Exception | None]:
         """(read(), None), or (None, the error) once it failed for good: a transient error
@@ -296,24 +318,23 @@ class Checkpointer:
                             'one', step, self.directory, reason)
         return f'step {step} ({reason})'
 
-    def _set_aside(self, good_step: int) -> None:
-        """Move every checkpoint newer than `good_step` out of the checkpoint directory: once,
-        by process 0, between two barriers that every process reaches (they all agreed on
-        `good_step`)."""
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move the damaged checkpoints `steps` out of the checkpoint directory: once, by
+        process 0, between two barriers that every process reaches (they all agreed on
+        `steps`)."""
         multi = jax.process_count() > 1
         if multi:
             from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f'set aside checkpoints above {good_step}')
+            multihost_utils.sync_global_devices(f'set aside checkpoints {steps}')
         if jax.process_index() == 0:
             aside = self.directory.parent / 'damaged_checkpoints'
             aside.mkdir(parents=True, exist_ok=True)
-            for step in self.manager.all_steps():
-                if step > good_step:
-                    target = aside / f'{step}-{int(time.time())}'
-                    (self.directory / str(step)).rename(target)
-                    logging.warning('moved the unreadable checkpoint %d to %s', step, target)
+            for step in steps:
+                target = aside / f'{step}-{int(time.time())}'
+                (self.directory / str(step)).rename(target)
+                logging.warning('moved the unreadable checkpoint %d to %s', step, target)
         if multi:
-            multihost_utils.sync_global_devices(f'checkpoints above {good_step} set aside')
+            multihost_utils.sync_global_devices(f'checkpoints {steps} set aside')
         self.manager.reload()
 
     def wait(self) -> None:

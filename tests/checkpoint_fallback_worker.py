@@ -38,7 +38,7 @@ def main(port: str, process_id: int, root: str) -> None:
     me = jax.process_index()
 
     for scenario in ('damage_seen_by_one_host', 'transient_once', 'transient_always',
-                     'file_damaged_for_all'):
+                     'file_damaged_for_all', 'listing_differs'):
         workdir = pathlib.Path(root) / scenario
         ckpt = checkpointing.Checkpointer(workdir, asynchronous=False)
         for number in (1, 2):
@@ -60,6 +60,9 @@ def main(port: str, process_id: int, root: str) -> None:
             return original(abstract, iterator, number)
 
         ckpt._read_state = failing
+        if scenario == 'listing_differs' and me == 1:  # shared storage listed late here
+            listed = ckpt.manager.all_steps
+            ckpt.manager.all_steps = lambda: [n for n in listed() if n != 2]
         if scenario == 'file_damaged_for_all' and me == 0:
             manifest = next((workdir / 'checkpoints' / '2' / 'state').rglob('manifest.ocdbt'))
             manifest.write_bytes(b'\0' * manifest.stat().st_size)

@@ -3,7 +3,8 @@ see different things still agree. Damage seen by one host only: both restore che
 checkpoint 2 is set aside once. A read that times out once on one host: retried, both restore
 checkpoint 2, nothing set aside. One that keeps timing out: both stop with
 CheckpointUnavailable, nothing set aside, no hang. A file damaged for every host: both fall
-back to 1. (tests/checkpoint_fallback_worker.py is each process.)"""
+back to 1. A checkpoint one host does not list (storage listed late there): both restore the
+previous one and nothing is set aside. (tests/checkpoint_fallback_worker.py is each process.)"""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_hosts_agree_on_the_checkpoint_to_restore(tmp_path):
             if line.startswith('{'):
                 row = json.loads(line)
                 rows[row['scenario'], row['process']] = row
-    assert len(rows) == 8, rows
+    assert len(rows) == 10, rows
     for host in (0, 1):
         one = rows['damage_seen_by_one_host', host]
         assert one['step'] == 1 and one['state_step'] == 1 and one['config'] == {'n': 1}
@@ -64,6 +65,8 @@ def test_hosts_agree_on_the_checkpoint_to_restore(tmp_path):
         assert always['aside'] == []
         everyone = rows['file_damaged_for_all', host]
         assert everyone['step'] == 1 and len(everyone['aside']) == 1, everyone
+        late = rows['listing_differs', host]  # skipped, not set aside: it is not damaged
+        assert late['step'] == 1 and late['aside'] == [], late
     assert rows['transient_once', 1]['reads_on_this_host'] == 2  # failed once, retried
     assert rows['transient_always', 1]['reads_on_this_host'] == 3  # READ_TRIES
     assert 'retrying' in outputs[1][1]  # the retry is logged on the host that failed
