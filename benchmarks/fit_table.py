@@ -21,8 +21,6 @@ import argparse
 import importlib.util
 import json
 import pathlib
-import subprocess
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,8 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {'command': 'python benchmarks/fit_table.py ' + ' '.join(sys.argv[1:]),
-              'commit': commit(), 'date': time.strftime('%Y-%m-%d'),
+    from psd_jax import provenance
+    result = {**provenance.record('python benchmarks/fit_table.py'),
               'devices': 'per TensorCore' if args.per_core else 'per chip (megacore on v4)',
               'precision': args.precision, 'scan_layers': args.scan_layers, 'fit': [],
               'compile_time': []}
@@ -84,15 +82,6 @@ def main() -> None:
         fit_rows(name, args, result, save)
     print_table(result)
     print(f'wrote {out}')
-
-
-def commit() -> str:
-    """The code's commit, '+' when the work tree differs from it."""
-    def git(*cmd):
-        return subprocess.run(['git', *cmd], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-    return git('rev-parse', '--short', 'HEAD') + ('+' if git('status', '--porcelain',
-                                                              '--untracked-files=no') else '')
 
 
 def compile_times(name: str, args, result: dict, save) -> None:

@@ -17,8 +17,6 @@ import io
 import json
 import pathlib
 import statistics
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -54,14 +52,6 @@ def write_shards(root: pathlib.Path, shards: int, per_shard: int, seed: int = 0)
                     tar.addfile(info, io.BytesIO(data))
                 n += 1
     return n
-
-
-def commit() -> str:
-    def git(*cmd):
-        return subprocess.run(['git', *cmd], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-    return git('rev-parse', '--short', 'HEAD') + ('+' if git('status', '--porcelain',
-                                                              '--untracked-files=no') else '')
 
 
 def main() -> None:
@@ -106,8 +96,8 @@ def main() -> None:
     for row in rows:
         print(f'{row["way"]:>32} {row["images_per_s"]:9.1f} '
               f'{row["images_per_s"] / base:14.2f}x')
-    result = {'command': 'python benchmarks/prepare_throughput.py ' + ' '.join(sys.argv[1:]),
-              'commit': commit(), 'date': time.strftime('%Y-%m-%d'),
+    from psd_jax import provenance
+    result = {**provenance.record('python benchmarks/prepare_throughput.py'),
               'machine_cores': __import__('os').cpu_count(), 'images': images,
               'shard_bytes': size, 'rows': rows}
     out = pathlib.Path(args.out)

@@ -234,16 +234,9 @@ def report(label: str, numbers: dict, hbm: float | None, scanned: bool = False) 
 def write_json(path: str, label: str, hbm: float | None, numbers: dict, fits: bool) -> None:
     """The numbers, what they were measured on, the command line and the code's commit."""
     import json
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def git(*cmd):
-        return subprocess.run(['git', *cmd], cwd=root, capture_output=True,
-                              text=True).stdout.strip()
-    commit = git('rev-parse', '--short', 'HEAD') + (
-        '+' if git('status', '--porcelain', '--untracked-files=no') else '')
-    record = {'command': 'python -m psd_jax.compile_check ' + ' '.join(sys.argv[1:]),
-              'commit': commit, 'date': time.strftime('%Y-%m-%d'), 'devices': label,
+    from psd_jax import provenance
+    record = {**provenance.record('python -m psd_jax.compile_check'), 'devices': label,
               'hbm_gib_per_device': hbm, 'fits': fits, **numbers}
     with open(path, 'w') as f:
         json.dump(record, f, indent=1)

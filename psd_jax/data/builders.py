@@ -1,7 +1,9 @@
 """tfds builders for users' own data: img2dataset/webdataset shards and class-folder trees.
 
-Both are prepared to ArrayRecord without TensorFlow (images are checked and, if needed,
-re-encoded with PIL) and read back with `tfds.data_source`:
+Both are prepared to ArrayRecord without TensorFlow (every image decoded once to check it,
+optionally resized; psd_jax/data/shards.py does the per-shard work), in one process or as an
+Apache Beam pipeline (a config's `beam`; datasets.prepare chooses), and read back with
+`tfds.data_source`:
 
     builder = ImageTextShards(config=ImageTextShardsConfig(name='cc3m', path='/data/cc3m'),
                               data_dir='/data/tfds')
@@ -17,8 +19,8 @@ from typing import Any, Callable
 
 import tensorflow_datasets as tfds
 
-from psd_jax.data.shards import (IMAGE_SUFFIXES, as_path, checked_image, folder_images,  # noqa: F401
-                                 iterate, read_shard, shard_pairs, shards_in)
+from psd_jax.data.shards import (IMAGE_SUFFIXES, as_path, folder_images, iterate, shard_pairs,
+                                 shards_in)
 
 BEAM_NAMESPACE = 'psd_jax.skipped'
 

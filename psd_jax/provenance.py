@@ -1,0 +1,30 @@
+"""Where a measurement came from: the code's commit and the command, stored with every result
+JSON so that a figure in the docs can be traced to the code that produced it."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """The checkout's short commit, with '+' when tracked files differ from it ('' outside a
+    git checkout)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(['git', *args], cwd=ROOT, capture_output=True,
+                                  text=True).stdout.strip()
+        except OSError:
+            return ''
+    head = git('rev-parse', '--short', 'HEAD')
+    return head + ('+' if head and git('status', '--porcelain', '--untracked-files=no') else '')
+
+
+def record(program: str) -> dict:
+    """{'command', 'commit', 'date'} of this process: `program` followed by its arguments."""
+    return {'command': ' '.join([program, *sys.argv[1:]]), 'commit': commit(),
+            'date': time.strftime('%Y-%m-%d')}
