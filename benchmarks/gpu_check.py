@@ -82,16 +82,8 @@ def time_step(config, steps: int, repeats: int) -> dict:
                            sharding.batch_sharding(mesh))
     compiled = step.compile_train_step(setup, shardings, spec)
     state = step.init_state(setup, jax.random.key(0), config.param_sharding)
-    for _ in range(2):
-        state, out = compiled(state, batch)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, out = compiled(state, batch)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / steps)
+    from timing import time_blocks
+    _, times, _ = time_blocks(compiled, state, batch, 2, steps, repeats)
     per_step = statistics.median(times)
     device = mesh.devices.flat[0]
     peak, source = mfu.peak_flops(0.0, device, config.model.dtype)

@@ -79,17 +79,9 @@ def psd_jax_worker(case: dict, steps: int, repeats: int, warmup: int) -> dict:
     import jax
 
     run = psd_jax_step(case)
-    fn, state, batch = run['fn'], run['state'], run['batch']
-    for _ in range(warmup):
-        state, metrics = fn(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = fn(state, batch)
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - start) / steps)
+    from timing import time_blocks
+    _, times, metrics = time_blocks(run['fn'], run['state'], run['batch'], warmup, steps,
+                                    repeats)
     return {'device': jax.devices()[0].device_kind, 'loss': float(metrics['loss']),
             'block_s': times}
 
