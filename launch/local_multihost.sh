@@ -7,8 +7,10 @@
 #   launch/local_multihost.sh -n 2 -d 2 -- --config configs/tiny_test.py --workdir /tmp/mh
 #
 # Logs go to <workdir>/logs/process_<i>.log (or $LOG_DIR); the exit status is the first
-# failure's, and the other processes are stopped when one fails.
+# failure's, and the other processes are stopped when one fails. The processes run
+# $PSD_JAX_PYTHON (default: python on PATH), e.g. PSD_JAX_PYTHON=venv/bin/python.
 set -euo pipefail
+python=${PSD_JAX_PYTHON:-python}
 
 processes=2
 devices=2
@@ -18,7 +20,7 @@ while getopts "n:d:m:h" opt; do
     n) processes=$OPTARG ;;
     d) devices=$OPTARG ;;
     m) module=$OPTARG ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    *) sed -n '2,11p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -36,7 +38,7 @@ done
 log_dir=${LOG_DIR:-${workdir:-.}/logs}
 mkdir -p "$log_dir"
 
-port=${COORDINATOR_PORT:-$(python - <<'PY'
+port=${COORDINATOR_PORT:-$("$python" - <<'PY'
 import socket
 s = socket.socket()
 s.bind(('127.0.0.1', 0))
@@ -52,7 +54,7 @@ trap cleanup INT TERM
 for ((i = 0; i < processes; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices} ${EXTRA_XLA_FLAGS:-}" \
   JAX_PLATFORMS=cpu \
-    python -m "$module" "$@" --coordinator_address="127.0.0.1:${port}" \
+    "$python" -m "$module" "$@" --coordinator_address="127.0.0.1:${port}" \
       --num_processes="$processes" --process_id="$i" > "$log_dir/process_$i.log" 2>&1 &
   pids+=($!)
 done

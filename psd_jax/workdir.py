@@ -16,12 +16,14 @@ import datetime
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from absl import logging
 from etils import epath
 
 LOCK = 'lock.json'
+UNREADABLE = 'unreadable'  # _holder's answer for a lock file that holds no lock
 
 
 class WorkdirLocked(ValueError):
@@ -50,17 +52,29 @@ class WorkdirLock:
         self.active = active
         self.held = False
 
-    def _holder(self) -> dict | None:
+    def _holder(self) -> dict | str | None:
+        """The lock's holder; None when there is no lock; UNREADABLE when the file is empty,
+        truncated or not a lock (a crash while writing it)."""
         try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError, OSError):
+            return UNREADABLE
+        return holder if isinstance(holder, dict) and 'pid' in holder else UNREADABLE
 
     def acquire(self) -> None:
         me = {'host': socket.gethostname(), 'pid': os.getpid(),
               'started': datetime.datetime.now().isoformat(timespec='seconds')}
         holder = self._holder()
-        if holder is not None:
+        if holder == UNREADABLE:  # a run creating it writes it at once: look again, then
+            time.sleep(1.0)       # treat it as stale
+            holder = self._holder()
+        if holder == UNREADABLE:
+            logging.warning('%s is empty or unreadable (a run that crashed while taking it?): '
+                            'treating it as stale and taking it over', self.path)
+            self.path.unlink()
+        elif holder is not None:
             if holder.get('host') != me['host']:
                 raise WorkdirLocked(
                     f'{self.path.parent} is in use by pid {holder.get("pid")} on host '
@@ -93,7 +107,7 @@ class WorkdirLock:
     def release(self) -> None:
         if self.held:
             holder = self._holder()
-            if holder and holder.get('pid') == os.getpid():
+            if isinstance(holder, dict) and holder.get('pid') == os.getpid():
                 self.path.unlink()
             self.held = False
 

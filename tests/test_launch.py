@@ -95,3 +95,21 @@ def test_tpu_pod_names_missing_options_and_gcloud(tmp_path):
                              env=dict(os.environ, PATH=f'{signed_out}:{os.environ["PATH"]}'),
                              capture_output=True, text=True)
     assert no_auth.returncode == 1 and 'not authenticated' in no_auth.stderr
+
+
+def test_local_multihost_runs_the_named_interpreter(tmp_path):
+    """launch/local_multihost.sh starts $PSD_JAX_PYTHON, not whatever `python` PATH finds (a
+    suite run as venv/bin/python -m pytest must launch the venv's interpreter)."""
+    log = tmp_path / 'calls'
+    fake = tmp_path / 'my-python'
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PSD_JAX_PYTHON=str(fake), COORDINATOR_PORT='12345',
+               PATH='/usr/bin:/bin')  # no python of the project's on this PATH
+    done = subprocess.run(['bash', str(ROOT / 'launch' / 'local_multihost.sh'), '-n', '2',
+                           '-d', '1', '--', f'--workdir={tmp_path / "w"}', '--config=x.py'],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and all(c.startswith('-m psd_jax.main --workdir=') for c in calls)
+    assert {c.split('--process_id=')[1] for c in calls} == {'0', '1'}

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def launch(workdir, steps, *extra, evaluators=EVALUATORS):
-    env = with_compile_cache(dict(os.environ,
+    env = with_compile_cache(dict(os.environ, PSD_JAX_PYTHON=sys.executable,  # not PATH's
                                     EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0'))
     env.pop('XLA_FLAGS', None)
     return subprocess.run(
@@ -138,7 +138,7 @@ def test_sigterm_on_every_host_checkpoints_one_agreed_step(tmp_path):
     import time
 
     workdir = tmp_path / 'term'
-    env = with_compile_cache(dict(os.environ,
+    env = with_compile_cache(dict(os.environ, PSD_JAX_PYTHON=sys.executable,  # not PATH's
                                     EXTRA_XLA_FLAGS='--xla_backend_optimization_level=0'))
     env.pop('XLA_FLAGS', None)
     launcher = subprocess.Popen(

@@ -105,6 +105,18 @@ def test_a_second_run_is_refused_and_a_stale_lock_taken_over(tmp_path):
         workdir.WorkdirLock(tmp_path).acquire()
 
 
+@pytest.mark.parametrize('content', [b'', b'{"host": "h", "pi', b'\xff\xfe garbage', b'[]'])
+def test_an_empty_or_corrupt_lock_is_taken_over_naming_the_file(tmp_path, content, caplog):
+    """A lock file that holds no lock (a crash while writing it) is stale: taken over, with a
+    warning naming the file, instead of blocking the workdir for ever."""
+    (tmp_path / 'lock.json').write_bytes(content)
+    with caplog.at_level('WARNING'), workdir.WorkdirLock(tmp_path) as lock:
+        assert lock.held
+        assert json.loads((tmp_path / 'lock.json').read_text())['pid'] == os.getpid()
+    assert str(tmp_path / 'lock.json') in caplog.text and 'taking it over' in caplog.text
+    assert not (tmp_path / 'lock.json').exists()
+
+
 def test_broken_embeddings_never_rank_above_chance(rng):
     """Ties and NaN scores count as misses: a constant or NaN model retrieves nothing and
     classifies nothing (chance or below), where counting `scores > best` gave it R@1 = 1."""
