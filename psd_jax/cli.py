@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging as py_logging
+import re
 import sys
 
 from absl import flags
@@ -46,6 +47,23 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
     except (AttributeError, TypeError, KeyError, ValueError) as e:
         overrides = [a for a in argv[1:] if a.startswith('--config.')]
-        print(f'error: {_one_line(e)} (config overrides: {" ".join(overrides)})',
-              file=sys.stderr)
+        print(f'error: {_override_error(e, overrides)}', file=sys.stderr)
         sys.exit(2)
+
+
+def _override_error(error: Exception, overrides: list[str]) -> str:
+    """One line for a failed `--config.key=value`: an unknown key is named as such with the
+    override it came from (and ml_collections' near match, when it has one)."""
+    text = _one_line(error)
+    name = re.match(r"'?([A-Za-z_][\w]*)'?", text)
+    if isinstance(error, (AttributeError, KeyError)) and name:
+        key = name.group(1)
+        culprit = next((o for o in overrides
+                        if key in o.split('=', 1)[0].split('.')[1:]), None)
+        if culprit is not None:
+            hint = text[text.index('Did you mean'):] if 'Did you mean' in text else (
+                'no key of a similar name exists; configs/*.py and psd_jax/config.py list '
+                'the keys')
+            return f'unknown config key {key!r} in {culprit.split("=", 1)[0]}: {hint}'
+    return f'{text} (config overrides: {" ".join(overrides)})'
+

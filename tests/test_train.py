@@ -151,7 +151,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize('override,expected', [
-    ('--config.optim.lrr=0.1', 'Did you mean "lr"'),
+    ('--config.optim.lrr=0.1', "unknown config key 'lrr' in --config.optim.lrr: Did you mean"),
+    ('--config.foo=1', "unknown config key 'foo' in --config.foo: no key of a similar name"),
     ('--config.optim.lr=fast', 'could not convert string to float'),
     ('--config.data.global_batch=12', 'config.data.global_batch size 12 does not divide'),
     ('--config.loss.psd.teacher=momentum', "psd.teacher='momentum' is not known"),
