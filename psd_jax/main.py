@@ -81,8 +81,11 @@ UNAVAILABLE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint could not be read; nothi
 
 
 def fail(error: Exception, code: int) -> None:
-    """One line on stderr (and in the log) instead of a traceback, and exit `code`."""
-    logging.error('%s', error)
+    """One line on stderr instead of a traceback (and in the log file, when absl writes one:
+    on stderr the log line would say it twice), and exit `code`."""
+    from absl import logging as absl_logging
+    if absl_logging.get_absl_handler().python_handler.stream is not sys.stderr:
+        logging.error('%s', error)
     print(f'error: {error}', file=sys.stderr)
     sys.exit(code)
 

@@ -168,6 +168,7 @@ def test_config_errors_are_one_line(tmp_path, override, expected):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert result.stderr.count(expected) == 1, result.stderr[-2000:]  # said once, not logged too
 
 
 def test_standalone_evaluation_reproduces_the_in_loop_numbers(tmp_path):
