@@ -80,7 +80,8 @@ def test_image_text_shards_skip_and_count(shards, tmp_path):
     skipped = builder.info.metadata['skipped']
     counts = {k: v for k, v in skipped['train'].items() if k != 'shards'}
     assert counts == {'undecodable_image': 2, 'missing_caption': 1, 'missing_image': 1,
-                      'unreadable_shard': 0, 'truncated_shard': 0}
+                      'too_small_image': 0, 'unreadable_shard': 0, 'truncated_shard': 0,
+                      'caption_not_utf8': 0}
     assert sorted(skipped['train']['shards']) == [  # the records involved, by shard
         '00000.tar/00006: undecodable_image', '00000.tar/00007: missing_caption',
         '00000.tar/00008: missing_image', '00001.tar/00005: undecodable_image']
@@ -320,3 +321,27 @@ def test_shards_iterator_resumes_exactly_with_two_workers(shard_source):
         got = next(resumed)
         assert got['key'].tolist() == want['key'].tolist()
         np.testing.assert_array_equal(got['image'], want['image'])  # same random crops too
+
+
+def test_a_tiny_image_is_skipped_and_a_non_utf8_caption_counted(tmp_path, rng):
+    """A 1x1 placeholder (a failed download) is skipped as too_small_image; a caption that is
+    not UTF-8 is kept with its bad bytes replaced and counted as caption_not_utf8."""
+    root = tmp_path / 'odd'
+    root.mkdir()
+    with tarfile.open(root / '00000.tar', 'w') as tar:
+        add(tar, '00000.jpg', image_bytes(rng))
+        add(tar, '00000.txt', 'caf\u00e9 au lait'.encode('latin-1'))  # not UTF-8
+        add(tar, '00001.png', image_bytes(rng, 'PNG', 'RGB', size=(1, 1)))
+        add(tar, '00001.txt', b'a pixel')
+        add(tar, '00002.jpg', image_bytes(rng))
+        add(tar, '00002.txt', b'a fine pair')
+    builder = builders.ImageTextShards(
+        config=builders.ImageTextShardsConfig(name='odd', path=str(root)), data_dir=str(tmp_path))
+    builder.download_and_prepare(file_format='array_record')
+    skipped = builder.info.metadata['skipped']['train']
+    assert builder.info.splits['train'].num_examples == 2
+    assert skipped['too_small_image'] == 1 and skipped['caption_not_utf8'] == 1
+    assert '00000.tar/00000: caption_not_utf8 (kept)' in skipped['shards']
+    source = datasets.data_source('image_text_shards/odd', 'train', str(tmp_path))
+    captions = sorted(source[i]['caption'].decode() for i in range(len(source)))
+    assert captions == ['a fine pair', 'caf\ufffd au lait']

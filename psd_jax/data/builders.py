@@ -126,7 +126,8 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, folder):
         skipped = dict.fromkeys(('undecodable_image', 'missing_caption', 'missing_image',
-                                 'unreadable_shard', 'truncated_shard'), 0)
+                                 'too_small_image', 'unreadable_shard', 'truncated_shard',
+                                 'caption_not_utf8'), 0)
         skipped['shards'] = []
         self.info.metadata['skipped'][split] = skipped
         produce = functools.partial(shard_pairs,

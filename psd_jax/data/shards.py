@@ -16,7 +16,8 @@ from typing import Iterator
 from PIL import Image
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
-PAIR_REASONS = ('undecodable_image', 'missing_caption', 'missing_image')
+PAIR_REASONS = ('undecodable_image', 'missing_caption', 'missing_image', 'too_small_image')
+MIN_IMAGE_SIDE = 8  # pixels: a smaller image (a 1x1 placeholder of a failed download) is skipped
 JPEG_QUALITY = 95  # re-encoding resized images (img2dataset's default)
 
 
@@ -29,8 +30,12 @@ def as_path(path) -> pathlib.Path:
     return pathlib.Path(text).expanduser()
 
 
+TOO_SMALL = io.BytesIO()  # checked_image's answer for an image under MIN_IMAGE_SIDE
+
+
 def checked_image(data: bytes, resize_shorter: int = 0) -> io.BytesIO | None:
-    """The image's bytes, or None when they do not decode fully.
+    """The image's bytes, None when they do not decode fully, TOO_SMALL when a side is under
+    MIN_IMAGE_SIDE pixels.
 
     Every image is stored as it came (its mode kept: alpha, palette, grey, CMYK), because
     open_clip's evaluation transform resizes and crops in the image's own mode and converts to
@@ -43,6 +48,8 @@ def checked_image(data: bytes, resize_shorter: int = 0) -> io.BytesIO | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decodes the whole image: truncated files fail here
+            if min(im.size) < MIN_IMAGE_SIDE:
+                return TOO_SMALL
             if resize_shorter <= 0 or min(im.size) <= resize_shorter:
                 return io.BytesIO(data)
             return io.BytesIO(_resized(im, resize_shorter))
@@ -116,12 +123,20 @@ def shard_pairs(shard, resize_shorter: int = 0
     stem = shard.name[:-len('.tar')] if shard.name.endswith('.tar') else shard.stem
     for key, files in groups.items():
         image = next((files[s] for s in IMAGE_SUFFIXES if s in files), None)
-        caption = files.get('.txt', b'').decode('utf-8', 'replace').strip()
+        raw = files.get('.txt', b'')
+        try:
+            caption = raw.decode('utf-8').strip()
+        except UnicodeDecodeError:  # kept, its bad bytes replaced (U+FFFD), and counted
+            caption = raw.decode('utf-8', 'replace').strip()
+            counts['caption_not_utf8'] = counts.get('caption_not_utf8', 0) + 1
+            notes.append(f'{shard.name}/{key}: caption_not_utf8 (kept)')
         reason = ('missing_image' if image is None else 'missing_caption'
                   if not caption else None)
         checked = checked_image(image, resize_shorter) if reason is None else None
         if reason is None and checked is None:
             reason = 'undecodable_image'
+        elif checked is TOO_SMALL:
+            reason = 'too_small_image'
         if reason is not None:
             counts[reason] += 1
             notes.append(f'{shard.name}/{key}: {reason}')
@@ -147,9 +162,10 @@ def folder_images(split: str, folder, name: str, resize_shorter: int = 0
         if as_path(path).suffix.lower() not in IMAGE_SUFFIXES:
             continue
         checked = checked_image(path.read_bytes(), resize_shorter)
-        if checked is None:
-            counts['undecodable_image'] += 1
-            notes.append(f'{split}/{name}/{path.name}: undecodable_image')
+        if checked is None or checked is TOO_SMALL:
+            reason = 'undecodable_image' if checked is None else 'too_small_image'
+            counts[reason] = counts.get(reason, 0) + 1
+            notes.append(f'{split}/{name}/{path.name}: {reason}')
             continue
         key = f'{split}/{name}/{path.name}'
         examples.append((key, {'image': checked, 'label': name,
