@@ -159,7 +159,7 @@ def folder_images(split: str, folder, name: str, resize_shorter: int = 0
     if not class_dir.is_dir():
         return examples, counts, notes
     for path in sorted(class_dir.iterdir(), key=lambda p: p.name):
-        if as_path(path).suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         checked = checked_image(path.read_bytes(), resize_shorter)
         if checked is None or checked is TOO_SMALL:
