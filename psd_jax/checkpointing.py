@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable
 
 import grain.python as grain
-import numpy as np
 from absl import logging
 from etils import epath
 import jax
@@ -55,33 +53,7 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint restored without error but its arrays differ from what was saved."""
 
 
-class CheckpointUnavailable(OSError):
-    """A checkpoint could not be read for a reason that is not damage (storage that did not
-    answer): every host stops, nothing is set aside."""
-
-
-ITEMS = ('state', 'data', 'config', 'hosts', 'integrity')
-READ_TRIES = 3  # reads of a checkpoint that fail transiently, before giving up
-READ_PAUSE_S = 2.0  # the pause after the first failed read; doubled after each
-# OSErrors that say the data is not there (damage), not that the storage failed to answer
-MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
-TRANSIENT_WORDS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'timed out', 'Connection reset',
-                   'Temporary failure', 'try again', '503 ', '429 ')
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a failed read may succeed if tried again (storage that did not answer: a
-    timeout, a reset connection, a service unavailable) rather than show damage."""
-    if isinstance(error, CheckpointUnavailable):
-        return True
-    if isinstance(error, OSError) and not isinstance(error, MISSING):
-        return True
-    text = str(error)
-    return any(word in text for word in TRANSIENT_WORDS)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0][:300] if str(error) else ''
+ITEMS = ('state', 'data', 'config', 'hosts', 'integrity', 'dataset')
 
 
 class Checkpointer:
@@ -104,6 +76,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=ITEMS)
         self._reader = None  # this process's own reader (see _read)
+        self.dataset: dict | None = None  # the training data's identity, saved with each
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -120,6 +93,8 @@ class Checkpointer:
             config=ocp.args.JsonSave(config),
             hosts=ocp.args.JsonSave({'process_count': jax.process_count()}),
             integrity=ocp.args.JsonSave({'fingerprint': fingerprint(state)}))
+        if self.dataset is not None:
+            items['dataset'] = ocp.args.JsonSave(self.dataset)
         if iterator is not None:  # None: the state alone (a run without a data position)
             items['data'] = grain.PyGrainCheckpointSave(iterator)
         args = ocp.args.Composite(**items)
@@ -203,139 +178,18 @@ class Checkpointer:
 
     def restore_newest_readable(self, abstract_for: Callable[[dict], TrainState],
                                 fresh_iterator: Callable[[], Any],
-                                check_config: Callable[[dict, int], None]
+                                check: Callable[[dict, dict | None, int], bool | None]
                                 ) -> tuple[TrainState, int, Any, dict]:
-        """The newest checkpoint that restores on every host: (state, step, the data iterator
-        at its position, or None when it was written by another number of hosts, whose
-        per-host positions do not apply, its config). `check_config(saved_config, step)` runs
-        before the state is read and may raise (a forbidden config change); the state is
-        restored into `abstract_for(saved_config)`.
+        """The newest checkpoint that restores on every host (psd_jax/fallback.py)."""
+        from psd_jax import fallback
+        return fallback.newest_readable(self, abstract_for, fresh_iterator, check)
 
-        Every host reads on its own (no collective can wait on a host that failed) and the
-        verdicts are combined: damage seen by any host (a missing item or file, a decode
-        failure, a fingerprint that differs) makes every host try the previous checkpoint,
-        and once one restores everywhere, the damaged ones are moved aside to
-        `<workdir>/damaged_checkpoints/` by process 0 between barriers all hosts reach. A
-        transient I/O error is retried (`READ_TRIES`) and then stops every host with
-        CheckpointUnavailable, setting nothing aside. When none restores, FileNotFoundError
-        lists each one tried and why."""
-        tried, damaged = [], []
-        for step in self._agreed_steps():
-            config, error = self._read_retrying(lambda: self.restore_config(step))
-            if not self._agree(step, error, tried):
-                damaged.append(step)
-                continue
-            check_config(config, step)
-
-            def read_state():
-                iterator = None
-                if self.saved_process_count(step) in (None, jax.process_count()):
-                    iterator = fresh_iterator()
-                return self._read_state(abstract_for(config), iterator, step), iterator
-
-            read, error = self._read_retrying(read_state)
-            if not self._agree(step, error, tried):
-                damaged.append(step)
-                continue
-            (state, saved), iterator = read
-            try:  # a collective computation: every host gets here and gets the same answer
-                self._verify(state, saved, step)
-            except CorruptCheckpoint as e:
-                tried.append(self._report(step, e))
-                damaged.append(step)
-                continue
-            if damaged:
-                self._set_aside(damaged)
-            return state, step, iterator, config
-        raise FileNotFoundError(f'no checkpoint in {self.directory} can be restored; tried: '
-                                + '; '.join(tried))
-
-    def _agreed_steps(self) -> list[int]:
-        """The checkpoint steps every host sees, newest first (hosts whose listings of shared
-        storage disagree try the same steps in the same order; a step some host does not see
-        is skipped with a warning, never set aside)."""
-        mine = sorted(self.manager.all_steps(), reverse=True)
-        if jax.process_count() == 1:
-            return mine
-        from jax.experimental import multihost_utils
-        longest = int(np.max(multihost_utils.process_allgather(np.asarray([len(mine)]))))
-        padded = np.full((max(longest, 1),), -1, np.int64)
-        padded[:len(mine)] = mine
-        seen = np.asarray(multihost_utils.process_allgather(padded)).reshape(
-            jax.process_count(), -1)
-        agreed = [s for s in mine if all(s in row for row in seen)]
-        for step in sorted(set(mine) - set(agreed), reverse=True):
-            logging.warning('checkpoint %d in %s is not seen by every host: skipped', step,
-                            self.directory)
-        return agreed
-
-    def _read_retrying(self, read: Callable[[], Any]) -> tuple[Any, Exception | None]:
-        """(read(), None), or (None, the error) once it failed for good: a transient error
-        (is_transient) is retried READ_TRIES times with a doubling pause."""
-        for attempt in range(READ_TRIES):
-            try:
-                return read(), None
-            except Exception as e:  # noqa: BLE001 -- classified by the caller
-                if not is_transient(e) or attempt == READ_TRIES - 1:
-                    return None, e
-                logging.warning('reading a checkpoint in %s failed (%s: %s); retrying in %.0f s',
-                                self.directory, type(e).__name__, _first_line(e),
-                                READ_PAUSE_S * 2 ** attempt)
-                time.sleep(READ_PAUSE_S * 2 ** attempt)
-        raise AssertionError('unreachable')
-
-    def _agree(self, step: int, error: Exception | None, tried: list[str]) -> bool:
-        """Combine every host's verdict on `step`: True when all read it; False (recorded in
-        `tried`) when any host found damage; CheckpointUnavailable on every host when a host's
-        read failed transiently and none found damage."""
-        mine = 0 if error is None else (2 if is_transient(error) else 1)
-        if error is not None:
-            self._report(step, error, log=mine == 1)
-        verdicts = [mine]
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            verdicts = [int(v) for v in np.asarray(multihost_utils.process_allgather(
-                np.asarray([mine], np.int32))).reshape(-1)]
-        if not any(verdicts):
-            return True
-        hosts = lambda code: [i for i, v in enumerate(verdicts) if v == code]  # noqa: E731
-        if hosts(1):
-            why = (f'{type(error).__name__}: {_first_line(error)}' if mine == 1
-                   else f'damaged as read by host(s) {hosts(1)}')
-            tried.append(f'step {step} ({why})')
-            return False
-        raise CheckpointUnavailable(
-            f'checkpoint {step} in {self.directory} could not be read by host(s) {hosts(2)} '
-            f'after {READ_TRIES} tries (' + (f'{type(error).__name__}: {_first_line(error)}'
-                                             if mine == 2 else 'a transient I/O error') +
-            '); it is not damaged as far as any host can tell, so nothing was set aside: run '
-            'the same command again once the storage answers')
-
-    def _report(self, step: int, error: Exception, log: bool = True) -> str:
-        reason = f'{type(error).__name__}: {_first_line(error)}'
-        if log:
-            logging.warning('checkpoint %d in %s cannot be restored (%s); trying the previous '
-                            'one', step, self.directory, reason)
-        return f'step {step} ({reason})'
-
-    def _set_aside(self, steps: list[int]) -> None:
-        """Move the damaged checkpoints `steps` out of the checkpoint directory: once, by
-        process 0, between two barriers that every process reaches (they all agreed on
-        `steps`)."""
-        multi = jax.process_count() > 1
-        if multi:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f'set aside checkpoints {steps}')
-        if jax.process_index() == 0:
-            aside = self.directory.parent / 'damaged_checkpoints'
-            aside.mkdir(parents=True, exist_ok=True)
-            for step in steps:
-                target = aside / f'{step}-{int(time.time())}'
-                (self.directory / str(step)).rename(target)
-                logging.warning('moved the unreadable checkpoint %d to %s', step, target)
-        if multi:
-            multihost_utils.sync_global_devices(f'checkpoints {steps} set aside')
-        self.manager.reload()
+    def restore_dataset(self, step: int) -> dict | None:
+        """The identity of the training data saved with checkpoint `step` (None: a checkpoint
+        written before it was recorded)."""
+        if not (self.directory / str(step) / 'dataset').exists():
+            return None
+        return self._read(step, {'dataset': ocp.args.JsonRestore()})['dataset']
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

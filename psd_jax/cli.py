@@ -22,13 +22,63 @@ class OnlyOurInfo(py_logging.Filter):
 
 
 def quiet_libraries() -> None:
-    """Install OnlyOurInfo on the absl handler unless --library_logs (call after parsing)."""
+    """Install OnlyOurInfo on the absl handler and silence the library tracebacks that follow
+    a failed checkpoint read (quiet_failed_reads), unless --library_logs (call after
+    parsing)."""
     if flags.FLAGS.library_logs:
         return
     from absl import logging as absl_logging
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, OnlyOurInfo) for f in handler.filters):
         handler.addFilter(OnlyOurInfo())
+    quiet_failed_reads()
+
+
+class NoOrphanedFutures(py_logging.Filter):
+    """asyncio's 'exception was never retrieved' reports of the reads a failed restore left
+    running: the restore's own error says what failed."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return 'exception was never retrieved' not in record.getMessage()
+
+
+def is_read_aftermath(error: BaseException | None, where: object = None) -> bool:
+    """Whether an exception that reached a hook comes from the other reads of a checkpoint
+    restore that failed: a coroutine of Orbax or TensorStore that raised after its event loop
+    closed, or a callback of theirs finding the loop closed."""
+    if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
+        return True
+    text = repr(where) + ''.join(
+        f'{frame.f_code.co_filename}' for frame in _frames(getattr(error, '__traceback__', None)))
+    return 'orbax' in text or 'tensorstore' in text
+
+
+def _frames(tb):
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
+def quiet_failed_reads() -> None:
+    """When Orbax's restore of a damaged checkpoint fails, its other reads still finish on
+    TensorStore's threads and raise into a closed event loop: hundreds of tracebacks (as
+    unraisable coroutines, thread callbacks and asyncio log records) that say nothing the
+    restore's error does not. They are dropped; every other exception is reported as before."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+    if getattr(unraisable, 'psd_jax', False):
+        return
+
+    def on_unraisable(info):
+        if not is_read_aftermath(info.exc_value, info.object):
+            unraisable(info)
+
+    def on_exception(kind, value, tb):
+        if not (isinstance(value, RuntimeError) and 'Event loop is closed' in str(value)):
+            excepthook(kind, value, tb)
+
+    on_unraisable.psd_jax = True
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+    py_logging.getLogger('asyncio').addFilter(NoOrphanedFutures())
 
 
 def _one_line(error: Exception) -> str:

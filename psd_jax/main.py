@@ -60,7 +60,7 @@ def main(argv) -> None:
     initialize_distributed()
     from psd_jax import train  # after distributed initialisation
 
-    from psd_jax.checkpointing import CheckpointUnavailable
+    from psd_jax.fallback import CheckpointUnavailable
     from psd_jax.guard import TrainingDiverged
 
     try:

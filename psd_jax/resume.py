@@ -80,3 +80,45 @@ def check_resume(saved: Mapping[str, Any], new: Mapping[str, Any], checkpoint_st
             f'({checkpoint_step}): the run has already gone past it. Use '
             f'--config.train.steps>={checkpoint_step}, or a new --workdir')
     return changed
+
+
+def describe_data_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """'records 96 -> 120, source fingerprint 1a2b.. -> 3c4d..': the fields of two data
+    identities (datasets.identity) that differ."""
+    parts = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if old == new:
+            continue
+        if key == 'source' and isinstance(old, dict) and isinstance(new, dict):
+            for field in ('path', 'files', 'fingerprint'):
+                if old.get(field) != new.get(field):
+                    a, b = old.get(field), new.get(field)
+                    short = field == 'fingerprint'
+                    parts.append(f'source {field} {str(a)[:12] if short else a}'
+                                 f'{"..." if short else ""} -> '
+                                 f'{str(b)[:12] if short else b}{"..." if short else ""}')
+        else:
+            parts.append(f'{key} {old} -> {new}')
+    return ', '.join(parts)
+
+
+def check_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any], checkpoint_step: int,
+               config: Mapping[str, Any]) -> str | None:
+    """Compare the training data's identity saved with a checkpoint with today's. None: the
+    same data (or a checkpoint that did not record it). A difference raises ValueError naming
+    it, unless 'data' is in train.resume_allow_changes: then the difference is returned (the
+    caller restarts the data position and records it)."""
+    if saved is None or dict(saved) == dict(now):
+        return None
+    change = describe_data_change(saved, now)
+    cur = flatten(config)
+    if 'data' in set(cur.get('train.resume_allow_changes') or ()):
+        return change
+    where = cur.get('data.path') or now.get('dataset', '')
+    raise ValueError(
+        f'the prepared data changed since step {checkpoint_step} (config.data.path / '
+        f'config.data.dataset: {where}): {change}. Resuming would train on other data than '
+        'the run started with. Put the original data back, use a new --workdir, or, to go on '
+        "with the new data deliberately, add --config.train.resume_allow_changes=\"('data',)\" "
+        '(its data order then starts again at the checkpoint\'s step)')

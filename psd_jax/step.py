@@ -331,7 +331,8 @@ def _train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[Train
     new_state = new_state.replace(health=guard.count_skips(state.health, finite))
     params = new_state.params
     metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
-               'grad_norm': grad_norm, 'logit_scale': logit_scale_value(params['logit_scale']),
+               'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
+               'logit_scale': logit_scale_value(params['logit_scale']),
                'skipped': 1.0 - finite.astype(jnp.float32),
                'skipped_total': new_state.health['skipped_total'].astype(jnp.float32)}
     return new_state, metrics

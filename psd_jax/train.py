@@ -20,6 +20,7 @@ from psd_jax import checkpointing, config as config_lib, guard, layout, metrics,
 from psd_jax import flops as flops_lib, mfu as mfu_lib, pretrained
 from psd_jax import step
 from psd_jax import workdir as workdir_lib
+from psd_jax.data import datasets
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
 from psd_jax.evaluation import run as evaluation
 
@@ -57,6 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         shardings = step.state_shardings(setup, config.param_sharding)
         ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints,
                                           config.train.keep_every)
+        ckpt.dataset = datasets.identity(source)
         writer = None
         try:
             state, start, iterator = restore_or_init(config, setup, shardings, ckpt, data,
@@ -114,13 +116,22 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
 
     Before a checkpoint's state is read, its config is compared with this one
     (psd_jax/resume.py): a change to a key that defines the run is refused by name, and
-    nothing is written. A checkpoint written by another number of hosts holds per-host data
-    positions for another split of the batches, so the data restarts at its global batch."""
+    nothing is written; so is a change of the training data (its identity, saved with each
+    checkpoint) unless train.resume_allow_changes lists 'data'. A checkpoint written by another
+    number of hosts holds per-host data positions for another split of the batches, and one of
+    other data positions in other data: then the data restarts at its global batch."""
     config_dict = json.loads(config.to_json_best_effort())
     changed: dict = {}
 
-    def check(saved: dict, at: int) -> None:
+    def check(saved: dict, saved_data: dict | None, at: int) -> bool:
         changed.update(resume.check_resume(saved, config_dict, at, str(ckpt.directory)))
+        data_change = resume.check_data(saved_data, ckpt.dataset, at, config_dict)
+        if data_change:
+            changed['data'] = (saved_data, ckpt.dataset)
+            logging.warning('the training data changed since step %d: %s; accepted '
+                            '(train.resume_allow_changes), its order starts again at global '
+                            'batch %d', at, data_change, at)
+        return data_change is None
 
     if ckpt.latest_step() is None:
         state = step.init_state(setup, jax.random.key(config.seed), config.param_sharding)
@@ -142,10 +153,13 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
         state = plan[1](state)  # into this config's layout
         if iterator is None:  # per-host positions are for another split of the batches
             iterator = data(start)
-            logging.warning('checkpoint written by %d hosts, resumed on %d: the data restarts '
-                            'at global batch %d of the same order',
-                            ckpt.saved_process_count(start), jax.process_count(), start)
+            if 'data' not in changed:
+                logging.warning('checkpoint written by %d hosts, resumed on %d: the data '
+                                'restarts at global batch %d of the same order',
+                                ckpt.saved_process_count(start), jax.process_count(), start)
         for key, (old, new) in changed.items():
+            if key == 'data':
+                continue
             logging.info('config.%s changed since the checkpoint: %r -> %r', key, old, new)
         logging.info('resumed from step %d of %s', start, ckpt.directory)
     if jax.process_index() == 0:

@@ -26,7 +26,7 @@ def main(port: str, process_id: int, root: str) -> None:
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
     import importlib.util
 
-    from psd_jax import checkpointing, config as config_lib, sharding, step
+    from psd_jax import config as config_lib, fallback, sharding, step
 
     spec = importlib.util.spec_from_file_location('tiny_test', ROOT / 'configs' / 'tiny_test.py')
     module = importlib.util.module_from_spec(spec)
@@ -35,7 +35,7 @@ def main(port: str, process_id: int, root: str) -> None:
     config.data.global_batch = 4
     setup = config_lib.step_setup(config, sharding.make_mesh({'data': 2}, jax.devices()))
     state = step.init_state(setup, jax.random.key(0))
-    checkpointing.READ_PAUSE_S = 0.05
+    fallback.READ_PAUSE_S = 0.05
     for scenario in SCENARIOS:
         print(json.dumps(run_scenario(scenario, pathlib.Path(root) / scenario, setup, state)),
               flush=True)
@@ -48,7 +48,7 @@ def run_scenario(scenario: str, workdir: pathlib.Path, setup, state) -> dict:
     import jax
     from jax.experimental import multihost_utils
 
-    from psd_jax import checkpointing, step
+    from psd_jax import checkpointing, fallback, step
     me = jax.process_index()
     ckpt = checkpointing.Checkpointer(workdir, asynchronous=False)
     for number in (1, 2):
@@ -82,7 +82,7 @@ def run_scenario(scenario: str, workdir: pathlib.Path, setup, state) -> dict:
         restored, number, _, saved = ckpt.restore_newest_readable(
             lambda _: step.abstract_state(setup, shardings), lambda: None, lambda *_: None)
         out.update(step=number, state_step=int(jax.device_get(restored.step)), config=saved)
-    except checkpointing.CheckpointUnavailable as e:
+    except fallback.CheckpointUnavailable as e:
         out['error'] = f'CheckpointUnavailable: {e}'
     multihost_utils.sync_global_devices(f'{scenario} restored')
     aside = workdir / 'damaged_checkpoints'

@@ -180,6 +180,26 @@ def content_fingerprint(source) -> tuple[int, str]:
     return len(source), f'{total:064x}'
 
 
+def identity(source) -> dict:
+    """What identifies the prepared records a data source reads, saved with every checkpoint
+    so that a resume can tell when the data changed under it: the dataset (builder/config/
+    version), split, record count, shard lengths and bytes, and for the user's own data the
+    fingerprint of its source files and how it was prepared. A wrapper (caption noise) is
+    looked through; a source that is not a tfds one gives its length alone."""
+    while not hasattr(source, 'dataset_info') and hasattr(source, 'source'):
+        source = source.source
+    info = getattr(source, 'dataset_info', None)
+    if info is None:
+        return {'records': len(source)}
+    split = str(getattr(source, 'split', ''))
+    stored = info.splits[split.split('[')[0]] if split.split('[')[0] in info.splits else None
+    metadata = dict(info.metadata or {})
+    return {'dataset': info.full_name, 'split': split, 'records': len(source),
+            'shard_lengths': [int(n) for n in stored.shard_lengths] if stored else [],
+            'bytes': int(stored.num_bytes) if stored else 0,
+            'source': metadata.get('source'), 'preparation': metadata.get('preparation')}
+
+
 def require_prepared(name: str, data_dir: str | pathlib.Path | None = None,
                      config: str | None = None, path: str | None = None) -> None:
     """For multi-host runs, which never prepare a path-based dataset (CC12M takes hours in one
