@@ -6,6 +6,7 @@ shardings come from the new run); the latest checkpoint in a workdir is found by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -222,22 +223,53 @@ class Checkpointer:
         self.manager.close()
 
 
+class Interrupted(BaseException):
+    """SIGTERM arrived while the run was in an interruptible phase (starting up, evaluating):
+    raised at once in the main thread (a BaseException, so that no library's `except
+    Exception` swallows it)."""
+
+
 class PreemptionFlag:
-    """Set by SIGTERM (preemption); the loop checkpoints at the next step boundary and exits."""
+    """Set by SIGTERM (preemption). In the step loop the flag is only set, and the loop
+    checkpoints at the next step boundary; inside `interruptible()` (start-up, evaluations)
+    SIGTERM also raises Interrupted at once, since finishing that phase saves nothing."""
 
     def __init__(self, install: bool = True):
         self.event = threading.Event()
         self._previous = None
         self._install = install
+        self._interrupt = False
+
+    def _on_sigterm(self, *_):
+        self.event.set()
+        if self._interrupt:
+            self._interrupt = False
+            raise Interrupted('SIGTERM')
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Within: SIGTERM raises Interrupted (at once, or on entry when it came before)."""
+        if self.event.is_set() and self._installed:
+            raise Interrupted('SIGTERM')
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
+
+    @property
+    def _installed(self) -> bool:
+        return self._previous is not None
 
     def __enter__(self) -> 'PreemptionFlag':
         if self._install and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def __bool__(self) -> bool:
         return self.event.is_set()

@@ -123,11 +123,15 @@ def base_config() -> ml_collections.ConfigDict:
     # profile tab or Perfetto); (): none
     config.train.profile_steps = ()
     config.train.transfer_guard = 'allow'  # around the step loop: allow | log | disallow
-    # a step with a non-finite loss, gradient norm or update is not applied; 'skip': stop after
-    # nonfinite_limit such steps in a row, 'stop': at the first (psd_jax/guard.py)
+    # a step with a non-finite loss or gradient norm, or whose update's norm exceeds
+    # max_update_ratio times the parameters' norm (a run blowing up; 0: no such bound), is not
+    # applied; 'skip': stop after nonfinite_limit such steps in a row, 'stop': at the first
+    # (psd_jax/guard.py)
     config.train.nonfinite = 'skip'
     config.train.nonfinite_limit = 10
-    # keys that define the run but may change on this resume, deliberately (psd_jax/resume.py)
+    config.train.max_update_ratio = 1.0
+    # keys that define the run but may change on this resume, deliberately (psd_jax/resume.py);
+    # 'data' accepts a change of the training data itself
     config.train.resume_allow_changes = ()
 
     config.eval = C()
@@ -233,6 +237,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.train.nonfinite in guard.POLICIES, 'train.nonfinite',
            f'{config.train.nonfinite!r} is not one of {list(guard.POLICIES)}')
     _check(config.train.nonfinite_limit >= 1, 'train.nonfinite_limit', 'must be >= 1')
+    _check(config.train.max_update_ratio >= 0, 'train.max_update_ratio',
+           f'{config.train.max_update_ratio}: must be >= 0 (0: no bound)')
     _check(config.data.dataset not in ('image_text_shards', 'image_folder_classification')
            or bool(config.data.path), 'data.path',
            f'dataset {config.data.dataset!r} reads your files: set --config.data.path')
@@ -325,4 +331,5 @@ def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -
                                      config.train.steps, config.loss.alpha_start_step)
     return step.StepSetup(model, tx, loss, alpha, lr, mesh, dataset_size,
                           carried=loss.carried_pairs(config.data.global_batch),
-                          micro_batches=config.train.micro_batches)
+                          micro_batches=config.train.micro_batches,
+                          max_update_ratio=config.train.max_update_ratio)

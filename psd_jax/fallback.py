@@ -14,6 +14,7 @@ each checkpoint's cause and what to do.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -65,9 +66,13 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 def _short(error: BaseException) -> str:
-    """The first line of an error without TensorStore's multi-line spec, at most 160 chars."""
+    """The first line of an error without TensorStore's multi-line spec, at most 160 chars; a
+    TensorStore read error as '<array>: <what>'."""
     text = str(error).split(' See full TensorStore details')[0]
     text = text.splitlines()[0] if text else type(error).__name__
+    found = re.search(r'Error reading "([^"]+)".*?": (.+)$', text)
+    if found:
+        text = f'{found.group(1).rsplit("/", 1)[0]}: {found.group(2)}'
     return text[:160]
 
 
@@ -77,20 +82,21 @@ def cause(error: BaseException) -> str:
     specific message of the error's chain."""
     chain = _chain(error)
     texts = ' '.join(f'{type(e).__name__}: {e}' for e in chain)
-    innermost = chain[-1]
     if isinstance(error, CorruptCheckpoint):
         kind = 'fingerprint mismatch'
+    elif any(w in texts for w in ('Truncated', 'DATA_LOSS', 'FAILED_PRECONDITION', 'corrupt',
+                                  'checksum', 'Error reading')):
+        kind = 'damaged data file'
     elif any(isinstance(e, MISSING) for e in chain) or any(
             w in texts for w in ('NOT_FOUND', 'No such file', 'does not exist', 'not found')):
         kind = 'missing file'
-    elif any(isinstance(e, json.JSONDecodeError) for e in chain) or 'metadata' in texts.lower():
+    elif any(isinstance(e, (json.JSONDecodeError, KeyError)) for e in chain) or (
+            'metadata' in texts.lower()):
         kind = 'unreadable metadata'
-    elif any(w in texts for w in ('Truncated', 'DATA_LOSS', 'FAILED_PRECONDITION', 'corrupt',
-                                  'checksum', 'decode', 'Error reading')):
-        kind = 'damaged data file'
     else:
         kind = 'unreadable'
-    return f'{kind}: {_short(innermost)}'
+    detail = next((_short(e) for e in reversed(chain) if len(_short(e)) >= 20), _short(error))
+    return f'{kind}: {detail}'
 
 
 def _allgather(values: list[int]) -> np.ndarray:

@@ -57,10 +57,18 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=start_step, unit='step',
                              dynamic_ncols=True)
 
-    def write(self, step: int, scalars: dict[str, Any]) -> None:
+    def write(self, step: int, scalars: dict[str, Any], replace: bool = False) -> None:
+        """Append one line for `step`; `replace`: first drop the lines of this step that hold
+        only keys of `scalars` (a final evaluation run again writes its line once)."""
         if not self.active:
             return
         clean = {k: float(v) for k, v in scalars.items()}
+        if replace and self.path.exists():
+            records = read_metrics(self.path, merge=False)
+            kept = [r for r in records if not (r['step'] == step and set(r) - {'step'} <= set(
+                clean))]
+            if len(kept) != len(records):
+                self.path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
         append_line(self.path, json.dumps({'step': step, **clean}))
         if self._tb is not None:
             for k, v in clean.items():

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 MAY_CHANGE = (
     'train.steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
     'train.keep_every', 'train.eval_every', 'train.transfer_guard', 'train.nonfinite',
-    'train.nonfinite_limit', 'train.resume_allow_changes', 'train.profile_steps', 'eval.',
+    'train.nonfinite_limit', 'train.max_update_ratio', 'train.resume_allow_changes',
+    'train.profile_steps', 'eval.',
     'metrics.', 'mesh.',
     'param_sharding', 'loss.impl', 'loss.tile', 'loss.precision',  # the same loss, computed
     # another way

@@ -60,6 +60,7 @@ class StepSetup:
     bank_size: int = 0  # dataset size N, for the embedding-bank teacher
     carried: int = 0  # pairs per global batch repeated from the previous (previous-step teacher)
     micro_batches: int = 1  # GradCache accumulation over k micro-batches (psd_jax/accumulate.py)
+    max_update_ratio: float = 1.0  # a larger update-to-parameter norm ratio is skipped (guard)
 
     def __post_init__(self):
         if self.loss.needs_bank and self.bank_size <= 0:
@@ -324,24 +325,30 @@ def _train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[Train
     (loss, (parts, mutated, embeddings)), grads = _loss_and_grads(
         setup, state, batch, teacher, subset, alpha, jax.random.fold_in(step_rng, 1))
     grad_norm = optax.tree.norm(grads)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    param_norm = optax.tree.norm(state.params)
+    ratio = optax.tree.norm(updates) / jnp.maximum(param_norm, 1e-12)
     finite = guard.is_finite(loss, grad_norm)
-    new_state = jax.lax.cond(  # a non-finite step is not applied (only the kept branch copies)
-        finite, lambda: _apply_update(setup, state, batch, grads, mutated, embeddings),
+    applied = guard.may_apply(finite, ratio, setup.max_update_ratio)
+    new_state = jax.lax.cond(  # a skipped step is not applied (only the kept branch copies)
+        applied, lambda: _apply_update(setup, state, batch, updates, opt_state, mutated,
+                                       embeddings),
         lambda: state.replace(step=state.step + 1))
-    new_state = new_state.replace(health=guard.count_skips(state.health, finite))
+    new_state = new_state.replace(health=guard.count_skips(state.health, applied))
     params = new_state.params
     metrics = {'loss': loss, **parts, 'learning_rate': setup.lr_fn(state.step),
-               'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
+               'grad_norm': grad_norm, 'param_norm': param_norm, 'update_ratio': ratio,
                'logit_scale': logit_scale_value(params['logit_scale']),
-               'skipped': 1.0 - finite.astype(jnp.float32),
+               'skipped': 1.0 - applied.astype(jnp.float32),
+               'skipped_in_a_row': new_state.health['skipped_in_a_row'].astype(jnp.float32),
                'skipped_total': new_state.health['skipped_total'].astype(jnp.float32)}
     return new_state, metrics
 
 
-def _apply_update(setup: StepSetup, state: TrainState, batch: dict, grads: Any,
-                  mutated: dict, embeddings: dict) -> TrainState:
-    """The state after the optimizer applies `grads` (and the EMA, bank and carry advance)."""
-    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+def _apply_update(setup: StepSetup, state: TrainState, batch: dict, updates: Any,
+                  opt_state: Any, mutated: dict, embeddings: dict) -> TrainState:
+    """The state after the optimizer's `updates` (and its new `opt_state`) are applied (and the
+    EMA, bank and carry advance)."""
     params = optax.apply_updates(state.params, updates)
     params = {**params, 'logit_scale': clip_logit_scale(params['logit_scale'])}
     ema = state.ema_params

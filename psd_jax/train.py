@@ -1,91 +1,129 @@
-"""The training loop: mesh -> data -> state -> compiled step -> resume -> steps, metrics,
-checkpoints, evaluations -> final checkpoint. `train_and_evaluate` reads as that sequence; each
-part is a named function below it."""
+"""A run from start to end: mesh -> data -> state (fresh, or resumed after the checks) ->
+compiled step -> the step loop (psd_jax/loop.py: metrics, checkpoints, evaluations, the guard)
+-> final checkpoint and evaluation. `train_and_evaluate` reads as that sequence; each part is a
+named function below it. SIGTERM at any phase ends in Preempted, whose message says what was
+saved."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 
-from psd_jax import batch as batch_lib
-from psd_jax import checkpointing, config as config_lib, guard, layout, metrics, resume, sharding
-from psd_jax import flops as flops_lib, mfu as mfu_lib, pretrained
+from psd_jax import checkpointing, config as config_lib, layout, metrics, resume, sharding
+from psd_jax import mfu as mfu_lib, pretrained
 from psd_jax import step
 from psd_jax import workdir as workdir_lib
 from psd_jax.data import datasets
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
 from psd_jax.evaluation import run as evaluation
-
-
-class Preempted(Exception):
-    """SIGTERM stopped the run after it checkpointed; rerunning the command resumes it
-    (psd_jax.main exits with PREEMPTED_EXIT_CODE so that a scheduler requeues it)."""
-
-
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a process killed by SIGTERM reports
+from psd_jax.loop import PREEMPTED_EXIT_CODE, Loop, Preempted  # noqa: F401 -- main's names
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` when it holds a checkpoint) and evaluate; returns the last
-    logged metrics including the final evaluation. Raises Preempted after a SIGTERM checkpoint,
-    guard.TrainingDiverged when the run diverged (its last good checkpoint stays)."""
+    logged metrics including the final evaluation. Raises Preempted after SIGTERM (whatever the
+    phase: its message says what was saved), guard.TrainingDiverged when the run diverged (its
+    last good checkpoint stays). A run that already finished returns its final metrics."""
     config_lib.validate(config)
     workdir = epath.Path(workdir)  # a local path or gs://... (with gcsfs installed)
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
-    with workdir_lib.WorkdirLock(workdir, active=lead):
-        mesh = sharding.make_mesh(config.mesh.to_dict())
-        sharding.check_batch(config.data.global_batch, mesh, 'config.data.global_batch')
-        logging.info('%s', sharding.describe(mesh))
-        tokenizer = make_tokenizer(config)
-        config_lib.check_own_data(config)
-        source = training_source(config)
-        evaluation.check_evaluators(config)  # an evaluation error must not wait for the end
-        setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
-        spec = step.batch_spec(setup, config.data.global_batch)
-
-        def data(start_batch: int = 0) -> Iterator[dict]:
-            return training_loader(config, source, tokenizer, spec, setup.carried, start_batch)
-
-        shardings = step.state_shardings(setup, config.param_sharding)
-        ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints,
-                                          config.train.keep_every)
-        ckpt.dataset = datasets.identity(source)
-        writer = None
+    # one host: SIGTERM is ours; several: JAX's preemption service owns it
+    with workdir_lib.WorkdirLock(workdir, active=lead), checkpointing.PreemptionFlag(
+            install=jax.process_count() == 1) as preempted:
+        run = Run(config, workdir)
         try:
-            state, start, iterator = restore_or_init(config, setup, shardings, ckpt, data,
-                                                     workdir)
-            train_step, flops = compile_step(setup, shardings, spec)
-            writer = metrics.MetricsWriter(
+            with preempted.interruptible():  # nothing new to save while starting
+                state, start, iterator = run.start()
+                done = finished_already(workdir, config.train.steps, start, lead)
+                if done is not None:
+                    return done
+                train_step, flops = compile_step(run.setup, run.shardings, run.spec)
+            run.writer = metrics.MetricsWriter(
                 workdir, total_steps=config.train.steps, start_step=start,
                 tensorboard=config.metrics.tensorboard,
                 wandb_project=config.metrics.wandb_project, config=config.to_dict(),
                 active=lead)
-            loop = Loop(config, setup, spec, train_step, flops, ckpt, writer, tokenizer, workdir)
+            loop = Loop(config, run.setup, run.spec, train_step, flops, run.ckpt, run.writer,
+                        run.tokenizer, workdir, preempted)
             state, stopped = loop.run(state, start, iterator)
             if stopped:
-                raise Preempted(f'preempted: checkpointed step {ckpt.latest_step()} of '
+                raise Preempted(f'preempted: checkpointed step {run.ckpt.latest_step()} of '
                                 f'{workdir}; run the same command again to resume')
             last = loop.finish(state, iterator)
+        except checkpointing.Interrupted:
+            newest = run.ckpt.latest_step() if run.ckpt else None
+            raise Preempted('SIGTERM while starting: nothing new was saved (' + (
+                f'the newest checkpoint is step {newest}' if newest is not None
+                else 'no checkpoint yet') + '); run the same command again') from None
         finally:
-            close_quietly(ckpt, writer)
+            close_quietly(run.ckpt, run.writer)
     if lead:
         metrics.plot(workdir)
     return last
 
 
-def close_quietly(ckpt: checkpointing.Checkpointer, writer) -> None:
+class Run:
+    """What a run is made of before its first step: mesh, tokenizer, training data, step
+    setup, checkpointer; `start` builds them and gives the state to train from."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: epath.Path):
+        self.config, self.workdir = config, workdir
+        self.ckpt: checkpointing.Checkpointer | None = None
+        self.writer: metrics.MetricsWriter | None = None
+
+    def start(self) -> tuple[step.TrainState, int, Any]:
+        """(state, first step, data iterator): the newest readable checkpoint's or a fresh
+        one (restore_or_init)."""
+        config = self.config
+        mesh = sharding.make_mesh(config.mesh.to_dict())
+        sharding.check_batch(config.data.global_batch, mesh, 'config.data.global_batch')
+        logging.info('%s', sharding.describe(mesh))
+        self.tokenizer = make_tokenizer(config)
+        config_lib.check_own_data(config)
+        source = training_source(config)
+        evaluation.check_evaluators(config)  # an evaluation error must not wait for the end
+        self.setup = config_lib.step_setup(config, mesh, dataset_size=len(source))
+        self.spec = step.batch_spec(self.setup, config.data.global_batch)
+
+        def data(start_batch: int = 0) -> Iterator[dict]:
+            return training_loader(config, source, self.tokenizer, self.spec,
+                                   self.setup.carried, start_batch)
+
+        self.shardings = step.state_shardings(self.setup, config.param_sharding)
+        self.ckpt = checkpointing.Checkpointer(self.workdir, config.train.keep_checkpoints,
+                                               config.train.keep_every)
+        self.ckpt.dataset = datasets.identity(source)
+        return restore_or_init(config, self.setup, self.shardings, self.ckpt, data,
+                               self.workdir)
+
+
+def finished_already(workdir: epath.Path, steps: int, start: int,
+                     lead: bool) -> dict[str, float] | None:
+    """The final metrics of a run that already trained to `steps` and evaluated (rerunning it
+    does nothing, and logs nothing twice); a run that goes on training loses its older
+    final_metrics.json (it describes a shorter run)."""
+    final = workdir / 'final_metrics.json'
+    if not final.exists():
+        return None
+    if start < steps:
+        if lead:
+            final.unlink()
+        return None
+    logging.info('the run is complete (step %d of %d); its final metrics are in %s (python -m '
+                 'psd_jax.evaluate evaluates a checkpoint again)', start, steps, final)
+    return json.loads(final.read_text())
+
+
+def close_quietly(ckpt: checkpointing.Checkpointer | None, writer) -> None:
     """Close the checkpointer (waiting for its pending saves to commit) and the writer on every
     exit path; a failure here is logged, not raised over the error that ended the run."""
-    for name, closer in (('checkpointer', ckpt.close),
+    for name, closer in (('checkpointer', ckpt.close if ckpt else None),
                          ('metrics writer', writer.close if writer else None)):
         if closer is None:
             continue
@@ -167,172 +205,3 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
     return state, start, iterator
 
 
-def to_global(host_batch: dict, spec: dict, mesh) -> dict:
-    """This host's numpy batch (its rows of every global batch) -> global jax.Arrays sharded
-    over the data axes, checked against `spec` (step.batch_spec) first."""
-    batch_lib.check(host_batch, spec, 'training batch from the input pipeline',
-                    rows=next(iter(spec.values())).shape[0] // jax.process_count())
-    rows = sharding.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(rows, np.asarray(v), spec[k].shape)
-            for k, v in host_batch.items()}
-
-
-def stop_here(preempted: checkpointing.PreemptionFlag, step_number: int) -> bool:
-    """Whether to checkpoint and stop after this step. With several hosts, every host must agree
-    on the step, so JAX's preemption sync point decides (it sees SIGTERM on any host)."""
-    if jax.process_count() == 1:
-        return bool(preempted)
-    from jax.experimental import multihost_utils
-    try:
-        return multihost_utils.reached_preemption_sync_point(step_number)
-    except RuntimeError:  # no preemption service in this runtime: rely on periodic checkpoints
-        return False
-
-
-@dataclasses.dataclass
-class Loop:
-    """The step loop and what happens between steps: metrics every `train.log_every` steps
-    (step time measured between logs, excluding saves and evaluations), evaluations every
-    `train.eval_every`, checkpoints every `train.checkpoint_every`, the non-finite guard's
-    verdict at each of those, and a checkpoint and clean stop on preemption."""
-    config: ml_collections.ConfigDict
-    setup: step.StepSetup
-    spec: dict
-    train_step: Callable
-    flops: float  # XLA's count per device (hfu)
-    ckpt: checkpointing.Checkpointer
-    writer: metrics.MetricsWriter
-    tokenizer: Callable
-    workdir: epath.Path
-
-    def __post_init__(self):
-        self.config_dict = json.loads(self.config.to_json_best_effort())
-        self.tick, self.tick_step = time.perf_counter(), 0
-        self.last: dict[str, float] = {}  # the last logged metrics
-        device = self.setup.mesh.devices.flat[0]
-        self.peak, source = mfu_lib.peak_flops(self.config.metrics.peak_flops_per_device,
-                                               device, self.config.model.dtype)
-        model = flops_lib.from_config(self.config)
-        self.model_flops = model.total / self.setup.mesh.size  # per device
-        if self.peak is None:
-            logging.warning('MFU not reported: peak FLOP/s %s', source)
-        else:
-            logging.info('MFU against %.1f TFLOP/s per device (%s); model FLOPs per step %.4g '
-                         'T (teacher forward %.4g T of them), %.4g T per device; XLA counts '
-                         '%.4g T per device (hfu)', self.peak / 1e12, source, model.total / 1e12,
-                         model.teacher / 1e12, self.model_flops / 1e12, self.flops / 1e12)
-
-    def run(self, state, start: int, iterator) -> tuple[Any, bool]:
-        """Steps from `start` to train.steps; returns (state, whether a preemption stopped
-        it)."""
-        self.tick, self.tick_step = time.perf_counter(), start
-        # one host: our SIGTERM handler; several: JAX's preemption service owns SIGTERM
-        with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as preempted:
-            for done in range(start + 1, self.config.train.steps + 1):
-                batch = next(iterator)
-                self.profile(done, 'start')
-                with jax.transfer_guard(self.config.train.transfer_guard):  # explicit copies only
-                    state, step_metrics = self.train_step(
-                        state, to_global(batch, self.spec, self.setup.mesh))
-                self.profile(done, 'stop', state)
-                if self.log(done, step_metrics):
-                    self.check_health(done, state)
-                self.evaluate_if_due(done, state)
-                if stop_here(preempted, done):
-                    self.check_health(done, state)
-                    logging.warning('SIGTERM: checkpointing step %d and exiting', done)
-                    self.ckpt.save(done, state, iterator, self.config_dict, force=True)
-                    return state, True
-                self.checkpoint_if_due(done, state, iterator)
-        return state, False
-
-    def profile(self, done: int, event: str, state: Any = None) -> None:
-        """Start a jax.profiler trace before step train.profile_steps[0]; stop it after
-        step [1] (once the step's work is done), into <workdir>/profile."""
-        steps = tuple(self.config.train.profile_steps)
-        if not steps:
-            return
-        if event == 'start' and done == steps[0]:
-            jax.profiler.start_trace(str(self.workdir / 'profile'))
-        elif event == 'stop' and done == steps[1]:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-            logging.info('profile of steps %d-%d written to %s', *steps, self.workdir / 'profile')
-
-    def log(self, done: int, step_metrics: dict) -> dict | None:
-        """Write the step's metrics (with step time, images/s, MFU) when a log step is due."""
-        train = self.config.train
-        if done % train.log_every and done != train.steps:
-            self.writer.advance(done)
-            return None
-        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        per_step = (time.perf_counter() - self.tick) / max(done - self.tick_step, 1)
-        scalars.update(step_time_s=per_step,
-                       images_per_s=self.config.data.global_batch / per_step)
-        for name, count in (('mfu', self.model_flops), ('hfu', self.flops)):
-            utilisation = mfu_lib.mfu(count, per_step, self.peak)
-            if utilisation is not None:
-                scalars[name] = utilisation
-        self.writer.write(done, scalars)
-        self.writer.advance(done)
-        self.tick, self.tick_step = time.perf_counter(), done
-        self.last = scalars
-        return scalars
-
-    def check_health(self, done: int, state) -> None:
-        """Stop (guard.TrainingDiverged) when skipped non-finite steps exceed the policy."""
-        health = jax.device_get(state.health)
-        if int(health['skipped_in_a_row']):
-            logging.warning('step %d: %d step(s) in a row, %d in all, had a non-finite loss or '
-                            'update and were skipped', done, health['skipped_in_a_row'],
-                            health['skipped_total'])
-        guard.check_health(health, self.config.train.nonfinite,
-                           self.config.train.nonfinite_limit, done, self.ckpt.latest_step())
-
-    def evaluate_if_due(self, done: int, state) -> None:
-        """Periodic evaluation (the final one belongs to `finish`)."""
-        train = self.config.train
-        if train.eval_every and done % train.eval_every == 0 and done != train.steps:
-            self.writer.write(done, self.evaluate(state, done))
-            self.tick, self.tick_step = time.perf_counter(), done
-
-    def checkpoint_if_due(self, done: int, state, iterator) -> None:
-        """Periodic checkpoint (the final one belongs to `finish`); never of a run the guard
-        stops."""
-        if done % self.config.train.checkpoint_every == 0:
-            self.check_health(done, state)
-            self.ckpt.save(done, state, iterator, self.config_dict)
-            self.tick, self.tick_step = time.perf_counter(), done  # step times exclude saves
-
-    def evaluate(self, state, step: int) -> dict[str, float]:
-        """The evaluators and the suite on `state`; the suite's table goes to
-        <workdir>/eval/suite_step_<step>.md and .json."""
-        variables = {'params': state.params, 'batch_stats': state.batch_stats}
-        return evaluation.run_evaluators(self.config, self.setup.model, variables,
-                                         self.setup.mesh, self.tokenizer,
-                                         report_dir=self.workdir / 'eval', step=step)
-
-    def finish(self, state, iterator) -> dict[str, float]:
-        """The final checkpoint, committed before the final evaluation starts (an evaluation
-        error cannot cost it), then the evaluation; final_metrics.json holds the last logged
-        metrics and what the evaluators gave, also when one of them failed (the error is
-        raised after). Returns that dict."""
-        steps = self.config.train.steps
-        self.check_health(steps, state)
-        if self.ckpt.latest_step() != steps:
-            self.ckpt.save(steps, state, iterator, self.config_dict, force=True)
-        self.ckpt.wait()
-        logging.info('checkpoint %d committed in %s', steps, self.ckpt.directory)
-        try:
-            final = self.evaluate(state, steps)
-            failure = None
-        except evaluation.EvaluationFailed as e:
-            final, failure = e.partial, e
-        if final:
-            self.writer.write(steps, final)
-        result = {**self.last, **final}
-        if jax.process_index() == 0:
-            (self.workdir / 'final_metrics.json').write_text(json.dumps(result, indent=1))
-        if failure is not None:
-            raise failure
-        return result

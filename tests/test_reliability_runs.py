@@ -5,6 +5,7 @@ before training, a damaged metrics file. docs/reliability.md lists them with wha
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -21,28 +22,43 @@ SHORT = ['--config.train.steps=6', '--config.train.checkpoint_every=2',
          '--config.train.log_every=2']
 
 
-def test_divergence_is_skipped_counted_then_stopped_with_the_last_good_checkpoint(tmp_path,
+def global_norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                             for x in jax.tree.leaves(tree))))
+
+
+def test_a_run_blowing_up_is_stopped_before_a_bad_checkpoint_and_names_a_good_one(tmp_path,
                                                                                    devices):
-    """A learning rate of 1e6 makes the loss non-finite within a few steps: those steps are
-    not applied and are counted, three in a row stop the run (exit 3, the step named), and no
-    checkpoint on disk holds a non-finite number."""
-    workdir = tmp_path / 'diverged'
-    result = run(workdir, '--config.optim.lr=1e6', '--config.optim.warmup_steps=1',
-                 '--config.train.steps=40', '--config.train.checkpoint_every=2',
+    """4 healthy steps, then the learning rate raised to 100 (a deliberate change on resume).
+    Unguarded, such a run keeps a finite loss for about 13 steps while its weights grow 18x per
+    step (to 1e18) and only then turns NaN, and its checkpoints hold the blown-up weights. Here
+    steps 5, 6 and 7 are not applied (their update is many times the weights' norm), the
+    limit of 3 is checked on every step, and the run stops at step 7 (exit 3) naming
+    checkpoint 4, whose embeddings are finite; no checkpoint on disk has grown weights."""
+    workdir = tmp_path / 'blowing_up'
+    first = run(workdir, '--config.train.steps=4', '--config.train.log_every=1')
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = run(workdir, '--config.optim.lr=100', '--config.train.steps=40',
+                 "--config.train.resume_allow_changes=('optim.lr',)",
                  '--config.train.log_every=1', '--config.train.nonfinite_limit=3')
     assert result.returncode == 3, result.stderr[-3000:]
-    assert 'training diverged: 3 steps in a row up to step' in result.stderr
-    assert not (workdir / 'final_metrics.json').exists()
+    error = next(line for line in result.stderr.splitlines() if line.startswith('error: '))
+    assert 'training diverged: 3 steps in a row up to step 7 were not applied' in error, error
+    assert "above train.max_update_ratio=1" in error, error
+    assert 'checkpoint 4, saved before the trouble began, gives finite embeddings' in error
     records = metrics.read_metrics(workdir / 'metrics.jsonl')
-    skipped = [r['step'] for r in records if r.get('skipped')]
-    assert len(skipped) == 3 and records[-1]['skipped_total'] == 3
-    assert all(not np.isfinite(r['loss']) or not np.isfinite(r['grad_norm'])
-               for r in records if r.get('skipped'))
+    assert [r['step'] for r in records if r.get('skipped')] == [5, 6, 7]
+    assert records[-1]['step'] == 7 and records[-1]['skipped_total'] == 3
+    assert all(np.isfinite(r['loss']) and r['update_ratio'] > 1 for r in records
+               if r.get('skipped'))
+    assert not (workdir / 'final_metrics.json').exists()
     steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-    assert steps and steps[-1] < skipped[-1]
+    assert steps == [2, 4]
+    start, _ = restored_params(workdir, {'data': 8}, devices, step_number=2)
     for at in steps:
         params, _ = restored_params(workdir, {'data': 8}, devices, step_number=at)
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)), at
+        assert global_norm(params) < 2 * global_norm(start), at
 
 
 @pytest.fixture(scope='module')
@@ -93,6 +109,12 @@ def damage(checkpoint, how):
         checkpoint.mkdir()
 
 
+LOG_LINE = re.compile(r'^[IWEF]\d{4} [\d:.]+ +\d+ \w+\.py:\d+\] ')
+CAUSES = {'state_item_removed': ('missing file',), 'data_file_truncated': ('damaged data file',),
+          'bytes_overwritten': ('damaged data file', 'fingerprint mismatch'),
+          'iterator_json_emptied': ('unreadable metadata',), 'step_directory_emptied': ('',)}
+
+
 @pytest.mark.parametrize('how', ['state_item_removed', 'data_file_truncated',
                                  'bytes_overwritten', 'iterator_json_emptied',
                                  'step_directory_emptied'])
@@ -107,13 +129,44 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, finish
     result = run(workdir, *SHORT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'resumed from step 2' in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert all(LOG_LINE.match(line) for line in lines), [  # no library tracebacks
+        line for line in lines if not LOG_LINE.match(line)][:5]
+    about = [line for line in lines if 'checkpoint 4 ' in line]
+    assert len(about) == 1 and len(about[0]) < 500, about  # one line: cause and destination
     if how != 'step_directory_emptied':  # an empty folder is no checkpoint to report
-        assert 'checkpoint 4 in' in result.stderr and 'cannot be restored' in result.stderr
-    assert list((workdir / 'damaged_checkpoints').iterdir())
+        assert 'checkpoint 4 in' in about[0] and 'cannot be restored (' in about[0]
+        assert any(f'restored ({cause}: ' in about[0] for cause in CAUSES[how]), about[0]
+    aside = list((workdir / 'damaged_checkpoints').iterdir())
+    assert len(aside) == 1 and f'moved to {aside[0]}' in about[0], about
     want, _ = restored_params(finished_run, {'data': 8}, devices, step_number=6)
     got, _ = restored_params(workdir, {'data': 8}, devices, step_number=6)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_every_checkpoint_damaged_is_one_error_line_naming_the_workdir(tmp_path, finished_run):
+    """Each checkpoint damaged another way: exit 2 with one line (each checkpoint's cause, the
+    directory, what to do), nothing moved, and no library traceback on the console."""
+    workdir = tmp_path / 'run'
+    shutil.copytree(finished_run, workdir)
+    for at, how in ((2, 'data_file_truncated'), (4, 'bytes_overwritten'),
+                    (6, 'state_item_removed')):
+        damage(workdir / 'checkpoints' / str(at), how)
+    result = run(workdir, *SHORT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith('error: ')]
+    assert len(errors) == 1 and all(LOG_LINE.match(line) for line in lines if line not in
+                                    errors), lines[:20]
+    assert [line for line in lines if line[0] in 'WE' and LOG_LINE.match(line)] == []
+    error = errors[0]
+    assert f'no checkpoint in {workdir / "checkpoints"} can be restored' in error
+    for at in (2, 4, 6):
+        assert f'checkpoint {at}: ' in error
+    assert 'move' in error and '--workdir' in error and len(error) < 1500, error
+    assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4', '6']
+    assert not (workdir / 'damaged_checkpoints').exists()
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):

@@ -23,7 +23,7 @@ from psd_jax import sharding as shd
 
 
 @functools.lru_cache(maxsize=8)
-def _embed_fns(model, mesh):
+def embed_fns(model, mesh):
     rows = shd.batch_sharding(mesh)
 
     @functools.partial(jax.jit, out_shardings=rows)
@@ -73,7 +73,7 @@ def embed_batches(model, variables: Any, batches: Iterable[dict], mesh, batch_si
     shd.check_batch(batch_size * jax.process_count(), mesh, 'eval.batch')
     if jax.process_count() > 1 and num_batches is None:
         raise ValueError('embed_batches needs num_batches when several hosts take part')
-    fns = _embed_fns(model, mesh)
+    fns = embed_fns(model, mesh)
     spec = batch_lib.input_spec(model, batch_size)
     rows = shd.batch_sharding(mesh)
     iterator = iter(batches)
@@ -113,7 +113,7 @@ def embed_batches(model, variables: Any, batches: Iterable[dict], mesh, batch_si
 def embed_tokens(model, variables: Any, tokens: np.ndarray, mesh, batch_size: int) -> np.ndarray:
     """(N, L) token ids, the same on every host -> (N, D) unit-norm text embeddings."""
     shd.check_batch(batch_size, mesh, 'eval.batch')
-    fn = _embed_fns(model, mesh)['text']
+    fn = embed_fns(model, mesh)['text']
     rows = shd.batch_sharding(mesh)
     parts = []
     for i in range(0, len(tokens), batch_size):
