@@ -242,9 +242,17 @@ class PreemptionFlag:
 
     def _on_sigterm(self, *_):
         self.event.set()
-        if self._interrupt:
-            self._interrupt = False
+        if self._interrupt:  # the raise may land where Python ignores exceptions (a finalizer
+            self._again()    # or a gc callback): then the signal comes again
             raise Interrupted('SIGTERM')
+
+    def _again(self, after_s: float = 1.0) -> None:
+        def resend():
+            if self._interrupt:
+                os.kill(os.getpid(), signal.SIGTERM)
+        timer = threading.Timer(after_s, resend)
+        timer.daemon = True
+        timer.start()
 
     @contextlib.contextmanager
     def interruptible(self):

@@ -69,6 +69,8 @@ def quiet_failed_reads() -> None:
         return
 
     def on_unraisable(info):
+        if type(info.exc_value).__name__ == 'Interrupted':  # SIGTERM, which is sent
+            return  # again (checkpointing.PreemptionFlag._again)
         if not is_read_aftermath(info.exc_value, info.object):
             unraisable(info)
 

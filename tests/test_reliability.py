@@ -208,3 +208,40 @@ def test_a_non_finite_step_is_not_applied_and_is_counted(devices):
     for want, got in zip(jax.tree.leaves((poisoned.params, poisoned.opt_state)),
                          jax.tree.leaves((kept.params, kept.opt_state))):
         np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
+
+
+def test_an_update_larger_than_the_parameters_is_not_applied(devices):
+    """The divergence rule inside the step: at a learning rate of 100 the first AdamW update is
+    many times the parameters' norm; it is skipped (every array kept, bit for bit) under the
+    default bound, and applied when the bound is switched off (train.max_update_ratio=0)."""
+    import jax
+
+    from psd_jax import batch as batch_lib, sharding, step
+
+    config = config_lib.base_config()
+    config.loss.kind, config.data.global_batch = 'clip', 8
+    config.optim.lr, config.optim.warmup_steps = 100.0, 0
+    mesh = sharding.make_mesh({'data': 1}, devices[:1])
+    spec = None
+    results = {}
+    for bound in (1.0, 0.0):
+        config.train.max_update_ratio = bound
+        setup = config_lib.step_setup(config, mesh)
+        spec = spec or step.batch_spec(setup, 8)
+        batch = batch_lib.synthetic(spec, np.random.default_rng(1), config.model.vocab_size)
+        state = step.init_state(setup, jax.random.key(0))
+        after, metrics = jax.jit(lambda s, b, setup=setup: step.train_step(setup, s, b))(
+            state, batch)
+        results[bound] = (state, after, {k: float(v) for k, v in metrics.items()})
+    state, after, metrics = results[1.0]
+    assert metrics['update_ratio'] > 1 and np.isfinite(metrics['loss'])
+    assert metrics['skipped'] == 1.0 and metrics['skipped_in_a_row'] == 1.0
+    for want, got in zip(jax.tree.leaves(state.params), jax.tree.leaves(after.params)):
+        np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
+    state, after, metrics = results[0.0]
+    assert metrics['skipped'] == 0.0 and metrics['update_ratio'] > 1
+    assert not np.array_equal(np.asarray(state.params['logit_scale']),
+                              np.asarray(after.params['logit_scale']))
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                       for x in jax.tree.leaves(state.params)))
+    np.testing.assert_allclose(metrics['param_norm'], norm, rtol=1e-5)
