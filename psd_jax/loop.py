@@ -245,6 +245,10 @@ class Loop:
             self.ckpt.save(steps, state, iterator, self.config_dict, force=True)
         self.ckpt.wait()
         logging.info('checkpoint %d committed in %s', steps, self.ckpt.directory)
+        if self.preempted and jax.process_count() == 1:
+            raise Preempted(f'SIGTERM during the final save: the final checkpoint {steps} is '
+                            f'committed in {self.ckpt.directory}; run the same command again to '
+                            'evaluate it')
         failure = None
         try:
             with self.preempted.interruptible():
