@@ -18,7 +18,15 @@ class OnlyOurInfo(py_logging.Filter):
     anywhere."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or '/psd_jax/' in record.pathname
+        if '/psd_jax/' in record.pathname:
+            return True
+        if record.levelno < py_logging.WARNING:
+            return False
+        return not str(record.msg).startswith(CHATTER)
+
+
+# library warnings that say nothing a user can act on
+CHATTER = ('Using custom data configuration',)
 
 
 def quiet_libraries() -> None:
