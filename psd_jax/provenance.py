@@ -3,7 +3,9 @@ JSON so that a figure in the docs can be traced to the code that produced it."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import platform
 import subprocess
 import sys
 import time
@@ -24,7 +26,15 @@ def commit() -> str:
     return head + ('+' if head and git('status', '--porcelain', '--untracked-files=no') else '')
 
 
+def machine() -> str:
+    """The host in words, e.g. 'x86_64 CPU, 2 cores, Python 3.11.7' (accelerators are named by
+    the benchmark itself, which knows whether it used them)."""
+    return (f'{platform.machine()} CPU, {os.cpu_count()} cores, '
+            f'Python {platform.python_version()}')
+
+
 def record(program: str) -> dict:
-    """{'command', 'commit', 'date'} of this process: `program` followed by its arguments."""
+    """{'command', 'commit', 'date', 'machine'} of this process: `program` followed by its
+    arguments. Every results JSON starts with it (tests/test_results.py checks)."""
     return {'command': ' '.join([program, *sys.argv[1:]]), 'commit': commit(),
-            'date': time.strftime('%Y-%m-%d')}
+            'date': time.strftime('%Y-%m-%d'), 'machine': machine()}
