@@ -61,7 +61,9 @@ def main() -> None:
         print(f'{size:>5} {workers:>8} {f"{threads},{ahead}":>19} {rate:>10.0f}')
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'batch': args.batch, 'rows': rows}, indent=1))
+    from psd_jax import provenance
+    out.write_text(json.dumps({**provenance.record('python benchmarks/input_pipeline.py'),
+                               'batch': args.batch, 'rows': rows}, indent=1))
     print(f'wrote {out}')
 
 

@@ -71,7 +71,9 @@ def main() -> None:
                       f'{cells[2]:>15} {ratio:>11}', flush=True)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'device_kind': devices[0].device_kind, 'tile': args.tile,
+    from psd_jax import provenance
+    out.write_text(json.dumps({**provenance.record('python benchmarks/loss_memory.py'),
+                               'device_kind': devices[0].device_kind, 'tile': args.tile,
                                'rows': rows}, indent=1))
     print(f'wrote {out}')
 
@@ -83,7 +85,8 @@ def compile_loss(mesh, batch: int, dim: int, loss: str, impl: str = 'all_gather'
                  tile: int = 0):
     """jit(value_and_grad(loss)) compiled (not run) for (batch, dim) embeddings sharded on
     `mesh`; `loss`: one of LOSSES (psd_second_pass: teacher embeddings of its own, as the
-    second-pass and EMA teachers give). tests/test_loss_properties.py inspects these too."""
+    second-pass and EMA teachers give), with LossConfig's defaults (what the configs train
+    with) but impl and tile. tests/test_loss_properties.py inspects these too."""
     import jax
     import jax.numpy as jnp
 
@@ -94,12 +97,14 @@ def compile_loss(mesh, batch: int, dim: int, loss: str, impl: str = 'all_gather'
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     mask = jax.ShapeDtypeStruct((batch,), bool, sharding=rep)
 
+    config = losses.LossConfig(kind='clip' if loss == 'clip' else 'psd', impl=impl, tile=tile)
+
     def f(u, v, s, subset, tu, tv):
         if loss == 'clip':
-            return losses.clip_loss(u, v, s, mesh=mesh, impl=impl, tile=tile)[0]
+            return losses.clip_loss(u, v, s, mesh=mesh, config=config)[0]
         t = losses.Teacher(tu, tv, s, subset) if loss == 'psd_second_pass' else None
-        return losses.psd_loss(u, v, s, mesh=mesh, subset=subset, alpha=0.5, teacher=t,
-                               teacher_temperature=2.0, impl=impl, tile=tile)[0]
+        return losses.psd_loss(u, v, s, mesh=mesh, config=config, subset=subset, alpha=0.5,
+                               teacher=t)[0]
 
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(
         emb, emb, scalar, mask, emb, emb).compile()

@@ -87,8 +87,9 @@ def main() -> None:
     print(f'{"total":>36} {sum(c["matmul"] for _, c in rows):>8.1f} '
           f'{sum(c["other"] for _, c in rows):>8.1f}')
     if args.out:
+        from psd_jax import provenance
         pathlib.Path(args.out).write_text(json.dumps(
-            {'case': args.case, 'wall_ms_per_step': 1e3 * wall, 'parts': out}, indent=1))
+            {**provenance.record('python benchmarks/profile_step.py'), 'case': args.case, 'wall_ms_per_step': 1e3 * wall, 'parts': out}, indent=1))
         print(f'wrote {args.out}')
 
 

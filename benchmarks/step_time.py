@@ -107,7 +107,9 @@ def main() -> None:
         print(f'{name:>26} {1e3 * t:>9.1f} {t / clip:>8.3f}')
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'config': pathlib.Path(args.config).name, 'rows': rows},
+    from psd_jax import provenance
+    out.write_text(json.dumps({**provenance.record('python benchmarks/step_time.py'),
+                               'config': pathlib.Path(args.config).name, 'rows': rows},
                               indent=1))
     print(f'wrote {out}')
 

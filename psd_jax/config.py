@@ -82,19 +82,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.crop_scale = (0.9, 1.0)  # random resized crop: area fraction (1, 1: none)
 
     config.loss = C()
-    config.loss.kind = 'psd'  # clip | psd | sigmoid
+    defaults = losses.LossConfig()  # the one place the loss's defaults are written
+    config.loss.kind = defaults.kind  # clip | psd | sigmoid
     # The PSD setting the selection protocol chose (docs/results/protocol.md): an EMA teacher
     # (momentum 0.99) at twice the student's temperature on half of each batch, a ramped
     # linearly to 0.5, each row's share a weighted by the teacher's off-diagonal mass.
     # The psd keys, their defaults and allowed values are losses.LossConfig's (teacher:
     # same_pass | second_pass | ema | bank | previous_step).
     config.loss.psd = C(loss_defaults())
-    # all_gather: b x B slabs per device; ring: b x tile tiles (very large global batches)
-    config.loss.impl = 'all_gather'
-    config.loss.tile = 0  # the ring's tile width, dividing the per-device batch; 0: all of it
-    # the similarity matmuls: float32 (HIGHEST) | bfloat16 (inputs rounded, float32 sums; one
-    # pass on accelerators; the paper configs use it)
-    config.loss.precision = 'float32'
+    # impl: all_gather (b x B slabs per device) | ring (b x tile tiles; very large global
+    # batches); tile: the ring's tile width, dividing the per-device batch (0: all of it);
+    # precision of the similarity matmuls: float32 (HIGHEST) | bfloat16 (inputs rounded, float32
+    # sums; one pass on accelerators; the paper configs use it).
+    config.loss.impl, config.loss.tile = defaults.impl, defaults.tile
+    config.loss.precision = defaults.precision
     config.loss.alpha_schedule = 'linear'  # linear | cosine | constant
     config.loss.alpha_max = 0.5
     config.loss.alpha_start_step = 0
@@ -307,9 +308,10 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
 
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+    """The run's LossConfig, validated (ValueError naming the key)."""
     return losses.LossConfig.from_mapping(config.loss.kind, config.loss.psd.to_dict(),
-                                          config.loss.impl, config.loss.tile,
-                                          config.loss.precision)
+                                          impl=config.loss.impl, tile=config.loss.tile,
+                                          precision=config.loss.precision)
 
 
 def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -> step.StepSetup:

@@ -246,17 +246,14 @@ def compute_loss(setup: StepSetup, out: dict, teacher: losses.Teacher | None,
                  subset: jax.Array | None, alpha: jax.Array) -> tuple[jax.Array, dict]:
     """Dispatch on the loss kind. out: the model's outputs for the batch; subset: (B,) bool."""
     cfg, mesh = setup.loss, setup.mesh
-    impl = {'impl': cfg.impl, 'tile': cfg.tile, 'precision': cfg.precision}
     if cfg.kind == 'sigmoid':
         return losses.sigmoid_loss(out['image'], out['text'], out['logit_scale'],
-                                   out['logit_bias'], mesh=mesh, **impl)
+                                   out['logit_bias'], mesh=mesh, config=cfg)
     if cfg.kind == 'clip':
-        return losses.clip_loss(out['image'], out['text'], out['logit_scale'], mesh=mesh, **impl)
-    return losses.psd_loss(
-        out['image'], out['text'], out['logit_scale'], mesh=mesh,
-        subset=subset, alpha=alpha, teacher=teacher,
-        teacher_temperature=cfg.teacher_temperature, teacher_diagonal=cfg.teacher_diagonal,
-        soft_weight=cfg.soft_weight, **impl)
+        return losses.clip_loss(out['image'], out['text'], out['logit_scale'], mesh=mesh,
+                                config=cfg)
+    return losses.psd_loss(out['image'], out['text'], out['logit_scale'], mesh=mesh, config=cfg,
+                           subset=subset, alpha=alpha, teacher=teacher)
 
 
 def _loss_and_grads(setup: StepSetup, state: TrainState, batch: dict,

@@ -111,9 +111,19 @@ def test_base_config_holds_the_loss_defaults_once():
     assert (base.loss.alpha_schedule, base.loss.alpha_max) == ('linear', 0.5)
     demo = load(ROOT / 'configs' / 'demo.py').get_config()
     assert demo.loss.to_dict() == base.loss.to_dict()
-    # psd_loss takes no default temperature of its own: with soft targets it must be given
-    temperature = inspect.signature(losses.psd_loss).parameters['teacher_temperature']
-    assert temperature.default is None
+
+
+def test_the_loss_functions_have_no_defaults_of_their_own():
+    """The loss knobs are LossConfig's alone: the loss functions take a config without a
+    default and none of its fields as parameters, so no second default can drift from it."""
+    # psd_loss's `teacher` is the teacher's embeddings (arrays), not LossConfig.teacher's kind
+    knobs = {f.name for f in dataclasses.fields(losses.LossConfig)} - {'teacher'}
+    for fn in (losses.psd_loss, losses.clip_loss, losses.sigmoid_loss):
+        parameters = inspect.signature(fn).parameters
+        assert parameters['config'].default is inspect.Parameter.empty, fn.__name__
+        assert not knobs & set(parameters), (fn.__name__, knobs & set(parameters))
+    with pytest.raises(ValueError, match=r"loss keys \['tiles'\] are not known"):
+        losses.LossConfig.from_mapping('clip', tiles=4)
 
 
 def test_locked_config_names_the_nearest_key():
@@ -139,8 +149,13 @@ def test_read_ahead_settings_are_checked(threads, ahead):
         config_lib.validate(config)
 
 
-def test_psd_loss_needs_a_temperature_with_soft_targets(devices):
-    mesh = sharding.make_mesh({'data': 1}, devices[:1])
-    u = jnp.eye(4, 8)
-    with pytest.raises(ValueError, match='teacher_temperature is required'):
-        losses.psd_loss(u, u, 0.0, mesh=mesh, subset=jnp.ones(4, bool), alpha=0.5)
+def test_the_loss_defaults_are_written_once():
+    """The base config's loss keys are LossConfig's defaults, not copies that could drift: the
+    loss functions have none of their own (they take a LossConfig), and changing a LossConfig
+    default changes the config."""
+    assert config_lib.loss_config(config_lib.base_config()) == losses.LossConfig()
+    signatures = [inspect.signature(f) for f in (losses.psd_loss, losses.clip_loss,
+                                                 losses.sigmoid_loss)]
+    for signature in signatures:
+        assert not {'impl', 'tile', 'precision', 'soft_weight'} & set(signature.parameters)
+        assert signature.parameters['config'].default is inspect.Parameter.empty

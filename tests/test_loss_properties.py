@@ -12,6 +12,14 @@ from benchmarks import loss_memory
 from psd_jax import losses, sharding
 
 B, D = 32, 16
+CLIP = losses.LossConfig(kind='clip')
+
+
+def same_pass_config(temperature: float) -> losses.LossConfig:
+    """PSD with this step's own logits as the teacher (temperature 1 is the degenerate case
+    these tests study), each subset row's teacher share the constant a."""
+    return losses.LossConfig(teacher='same_pass', teacher_temperature=temperature,
+                             soft_weight='constant', allow_degenerate=True)
 
 
 @pytest.fixture(scope='module')
@@ -27,11 +35,11 @@ def unit(rng, *shape):
 @pytest.fixture(scope='module')
 def grad_fns(mesh8):
     def clip(u, v, s):
-        return losses.clip_loss(u, v, s, mesh=mesh8)[0]
+        return losses.clip_loss(u, v, s, mesh=mesh8, config=CLIP)[0]
 
     def same_pass(u, v, s, subset, alpha):
-        return losses.psd_loss(u, v, s, mesh=mesh8, subset=subset, alpha=alpha,
-                               teacher_temperature=1.0)[0]
+        return losses.psd_loss(u, v, s, mesh=mesh8, config=same_pass_config(1.0), subset=subset,
+                               alpha=alpha)[0]
 
     return (jax.jit(jax.value_and_grad(clip, argnums=(0, 1, 2))),
             jax.jit(jax.value_and_grad(same_pass, argnums=(0, 1, 2))))
@@ -66,9 +74,10 @@ def test_a_different_teacher_is_not_scaled_clip(mesh8, rng):
     u, v, s = unit(rng, B, D), unit(rng, B, D), np.float32(np.log(20.0))
     everyone = np.ones(B, bool)
     g = jax.jit(jax.grad(lambda u, T: losses.psd_loss(
-        u, v, s, mesh=mesh8, subset=everyone, alpha=0.5, teacher_temperature=T)[0],
+        u, v, s, mesh=mesh8, config=same_pass_config(T), subset=everyone, alpha=0.5)[0],
         argnums=0), static_argnums=1)
-    g_clip = np.asarray(jax.jit(jax.grad(lambda u: losses.clip_loss(u, v, s, mesh=mesh8)[0]))(u))
+    g_clip = np.asarray(jax.jit(jax.grad(
+        lambda u: losses.clip_loss(u, v, s, mesh=mesh8, config=CLIP)[0]))(u))
     g_hot = np.asarray(g(u, 3.0))
     assert np.max(np.abs(g_hot - 0.5 * g_clip)) > 1e-3 * np.max(np.abs(g_clip))
 
@@ -124,9 +133,9 @@ def test_bad_input_is_named(mesh8, rng):
     u = unit(rng, B, D)
     s = np.float32(3.0)
     with pytest.raises(ValueError, match='does not divide across the data axes'):
-        losses.clip_loss(u[:12], u[:12], s, mesh=mesh8)
+        losses.clip_loss(u[:12], u[:12], s, mesh=mesh8, config=CLIP)
     with pytest.raises(ValueError, match='image batch 32 and text batch 24 differ'):
-        losses.clip_loss(u, u[:24], s, mesh=mesh8)
+        losses.clip_loss(u, u[:24], s, mesh=mesh8, config=CLIP)
     with pytest.raises(ValueError, match=r'subset_fraction=1.5 must be in \[0, 1\]'):
         losses.subset_indices(jax.random.key(0), B, 1.5)
     with pytest.raises(ValueError, match=r'subset_fraction=-0.1'):
@@ -137,5 +146,7 @@ def test_bad_input_is_named(mesh8, rng):
         losses.LossConfig(kind='infonce')
     with pytest.raises(ValueError, match=r"psd keys \['temperature'\]"):
         losses.LossConfig.from_mapping('psd', {'temperature': 2.0})
-    with pytest.raises(ValueError, match='teacher_diagonal'):
-        losses.psd_loss(u, u, s, mesh=mesh8, subset=np.ones(B, bool), teacher_diagonal='drop')
+    with pytest.raises(ValueError, match="psd.teacher_diagonal='drop' is not known"):
+        losses.LossConfig(teacher_diagonal='drop')
+    with pytest.raises(ValueError, match=r"loss keys \['tiles'\] are not known"):
+        losses.LossConfig.from_mapping('psd', {}, tiles=4)

@@ -68,10 +68,11 @@ def compiled_psd(mesh, mode: str, teacher_temperature: float, diagonal: str,
         if mode != 'same_pass':
             teacher = losses.Teacher(tu, tv, tscale, subset)
         if mode == 'clip':
-            return losses.clip_loss(u, v, scale, mesh=mesh)
-        return losses.psd_loss(u, v, scale, mesh=mesh, subset=subset, alpha=alpha,
-                               teacher=teacher, teacher_temperature=teacher_temperature,
-                               teacher_diagonal=diagonal, soft_weight=soft_weight)
+            return losses.clip_loss(u, v, scale, mesh=mesh, config=losses.LossConfig())
+        config = losses.LossConfig(teacher_temperature=teacher_temperature,
+                                   teacher_diagonal=diagonal, soft_weight=soft_weight)
+        return losses.psd_loss(u, v, scale, mesh=mesh, config=config, subset=subset,
+                               alpha=alpha, teacher=teacher)
 
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 5, 6, 7), has_aux=True))
 
@@ -124,7 +125,8 @@ def test_psd_matches_float64_reference(meshes, mesh_name, mode, temperature, dia
 
 @functools.lru_cache(maxsize=None)
 def compiled_sigmoid(mesh):
-    f = lambda u, v, s, b: losses.sigmoid_loss(u, v, s, b, mesh=mesh)[0]  # noqa: E731
+    config = losses.LossConfig(kind='sigmoid')
+    f = lambda u, v, s, b: losses.sigmoid_loss(u, v, s, b, mesh=mesh, config=config)[0]  # noqa
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 
 
@@ -163,14 +165,14 @@ def test_bfloat16_matmuls_within_their_stated_tolerance(meshes, impl, tile):
     mesh = meshes['4']
 
     def psd(u, v, s, subset, tu, tv, ts):
-        return losses.psd_loss(u, v, s, mesh=mesh, subset=subset, alpha=0.5,
-                               teacher=losses.Teacher(tu, tv, ts, subset),
-                               teacher_temperature=2.0, impl=impl, tile=tile,
-                               precision='bfloat16')[0]
+        config = losses.LossConfig(teacher_temperature=2.0, soft_weight='constant', impl=impl,
+                                   tile=tile, precision='bfloat16')
+        return losses.psd_loss(u, v, s, mesh=mesh, config=config, subset=subset, alpha=0.5,
+                               teacher=losses.Teacher(tu, tv, ts, subset))[0]
 
     def sigmoid(u, v, s, b):
-        return losses.sigmoid_loss(u, v, s, b, mesh=mesh, impl=impl, tile=tile,
-                                   precision='bfloat16')[0]
+        config = losses.LossConfig(kind='sigmoid', impl=impl, tile=tile, precision='bfloat16')
+        return losses.sigmoid_loss(u, v, s, b, mesh=mesh, config=config)[0]
 
     psd_fn = jax.jit(jax.value_and_grad(psd, argnums=(0, 1, 2)))
     sigmoid_fn = jax.jit(jax.value_and_grad(sigmoid, argnums=(0, 1, 2, 3)))

@@ -32,12 +32,13 @@ CASES = [('clip', 1.0, 'keep', 'constant'), ('same_pass', 2.0, 'keep', 'constant
 def compiled(mesh, mode, temperature, diagonal, impl, tile, soft_weight='constant'):
     def f(u, v, scale, subset, columns, tu, tv, tscale):
         if mode == 'clip':
-            return losses.clip_loss(u, v, scale, mesh=mesh, impl=impl, tile=tile)
+            return losses.clip_loss(u, v, scale, mesh=mesh,
+                                    config=losses.LossConfig(impl=impl, tile=tile))
         teacher = None if mode == 'same_pass' else losses.Teacher(tu, tv, tscale, columns)
-        return losses.psd_loss(u, v, scale, mesh=mesh, subset=subset, alpha=0.6,
-                               teacher=teacher, teacher_temperature=temperature,
-                               teacher_diagonal=diagonal, soft_weight=soft_weight,
-                               impl=impl, tile=tile)
+        config = losses.LossConfig(teacher_temperature=temperature, teacher_diagonal=diagonal,
+                                   soft_weight=soft_weight, impl=impl, tile=tile)
+        return losses.psd_loss(u, v, scale, mesh=mesh, config=config, subset=subset, alpha=0.6,
+                               teacher=teacher)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
 
@@ -84,7 +85,8 @@ def test_ring_sigmoid_matches_reference(devices, mesh_name):
     bias = np.float32(rng.uniform(-10, 0))
     ref_loss, ref_grads, magnitudes = sigmoid_reference(u, v, scale, bias)
     for tile in (B // n, 1):
-        f = lambda *a: losses.sigmoid_loss(*a, mesh=mesh, impl='ring', tile=tile)[0]  # noqa
+        config = losses.LossConfig(kind='sigmoid', impl='ring', tile=tile)
+        f = lambda *a: losses.sigmoid_loss(*a, mesh=mesh, config=config)[0]  # noqa
         loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(u, v, scale, bias)
         close(loss, ref_loss, f'sigmoid ring loss tile={tile}', seed)
         for name, g, r, m in zip(('d/image', 'd/text', 'd/scale', 'd/bias'), grads, ref_grads,
@@ -109,8 +111,9 @@ def test_ring_never_holds_a_b_by_B_buffer(devices):
     subset = np.arange(big_b) % 2 == 0
 
     def program(impl, tile):
-        f = lambda x: losses.psd_loss(x, x, 2.0, mesh=mesh, subset=subset, alpha=0.5,  # noqa
-                                      teacher_temperature=2.0, impl=impl, tile=tile)[0]
+        config = losses.LossConfig(teacher_temperature=2.0, impl=impl, tile=tile)
+        f = lambda x: losses.psd_loss(x, x, 2.0, mesh=mesh, config=config,  # noqa
+                                      subset=subset, alpha=0.5)[0]
         return jax.jit(jax.grad(f)).lower(u).compile().as_text()
 
     slab = (big_b // 8) * big_b
@@ -123,9 +126,10 @@ def test_bad_tile_and_impl_are_named(devices):
     mesh = sharding.make_mesh({'data': 4}, devices[:4])
     u = np.eye(B, D, dtype=np.float32)
     with pytest.raises(ValueError, match=r'loss.tile=3 must divide the per-device batch 8'):
-        losses.clip_loss(u, u, 1.0, mesh=mesh, impl='ring', tile=3)
+        losses.clip_loss(u, u, 1.0, mesh=mesh,
+                         config=losses.LossConfig(kind='clip', impl='ring', tile=3))
     with pytest.raises(ValueError, match=r"loss.impl='tree' is not known; allowed: "
                                          r"\['all_gather', 'ring'\]"):
-        losses.clip_loss(u, u, 1.0, mesh=mesh, impl='tree')
+        losses.LossConfig(kind='clip', impl='tree')
     with pytest.raises(ValueError, match='loss.impl'):
         losses.LossConfig(kind='clip', impl='rings')

@@ -286,7 +286,8 @@ def test_bank_teacher_distils_from_each_pairs_last_visit(devices, seed):
     out1 = setup.model.apply({'params': params1}, second['image'], second['text'])
     want, parts = losses.psd_loss(out1['image'], out1['text'], out1['logit_scale'], mesh=mesh,
                                   subset=subset & seen, alpha=0.5, teacher=teacher,
-                                  teacher_temperature=1.0)
+                                  config=dataclasses.replace(setup.loss,
+                                                             teacher_temperature=1.0))
     state, m2 = fn(state, put(second, mesh))
     m2 = jax.device_get(m2)
     assert m2['subset_size'] == np.sum(subset & seen) > 0
@@ -332,7 +333,8 @@ def test_previous_step_teacher_distils_among_the_repeated_pairs(devices, seed):
     out1 = setup.model.apply({'params': params1}, second['image'], second['text'])
     want, parts = losses.psd_loss(out1['image'], out1['text'], out1['logit_scale'], mesh=mesh,
                                   subset=mask, alpha=0.5, teacher=teacher,
-                                  teacher_temperature=1.0)
+                                  config=dataclasses.replace(setup.loss,
+                                                             teacher_temperature=1.0))
     state, m2 = fn(state, put(second, mesh))
     m2 = jax.device_get(m2)
     assert m2['subset_size'] == k

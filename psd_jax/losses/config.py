@@ -134,15 +134,20 @@ class LossConfig:
 
     @classmethod
     def from_mapping(cls, kind: str, psd: Mapping[str, Any] | None = None,
-                     impl: str = 'all_gather', tile: int = 0,
-                     precision: str = 'float32') -> 'LossConfig':
-        """Build from a config section, rejecting unknown keys by name."""
+                     **loss_keys: Any) -> 'LossConfig':
+        """Build from a config section (`psd`: config.loss.psd's keys; `loss_keys`: impl,
+        tile, precision), rejecting unknown keys by name; what is not given takes the
+        dataclass's default, the only one."""
         psd = dict(psd or {})
         fields = {f.name for f in dataclasses.fields(cls)} - CONFIG_LOSS_KEYS
         unknown = sorted(set(psd) - fields)
         if unknown:
             raise ValueError(f'psd keys {unknown} are not known; allowed: {sorted(fields)}')
-        return cls(kind=kind, impl=impl, tile=tile, precision=precision, **psd)
+        unknown = sorted(set(loss_keys) - CONFIG_LOSS_KEYS)
+        if unknown:
+            raise ValueError(f'loss keys {unknown} are not known; allowed: '
+                             f'{sorted(CONFIG_LOSS_KEYS - {"kind"})}')
+        return cls(kind=kind, **loss_keys, **psd)
 
 
 # LossConfig fields that are config.loss's own keys, not config.loss.psd's

@@ -174,7 +174,7 @@ class _Rows:
 
 @functools.lru_cache(maxsize=None)
 def softmax_rows(axes: tuple[str, ...], n: int, tile: int, with_teacher: bool, same_pass: bool,
-                 remove_diagonal: bool, inv_temperature: float, precision: str = 'float32'):
+                 remove_diagonal: bool, inv_temperature: float, precision: str):
     """Per-row (loss, hard CE, soft CE) of this device's rows against all columns, the
     columns circulating. Arguments: x (b, D) local rows; others (b, D) this device's columns;
     scale t (varying scalar); positives (b,) global column of each row's pair; weight (b,);
@@ -221,7 +221,7 @@ def teacher_positive_probs(axes: tuple[str, ...], n: int, tile: int, same_pass: 
 
 
 @functools.lru_cache(maxsize=None)
-def sigmoid_rows(axes: tuple[str, ...], n: int, tile: int, precision: str = 'float32'):
+def sigmoid_rows(axes: tuple[str, ...], n: int, tile: int, precision: str):
     """Sum over this device's rows and all columns of log sigmoid(z_ij (s_ij + bias)), the
     columns circulating; custom VJP with a second trip around the ring."""
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from psd_jax import sharding as shd
 from psd_jax.losses import ring
-from psd_jax.losses.config import DIAGONAL_MODES, LOSS_IMPLS, SOFT_WEIGHTS, Teacher
+from psd_jax.losses.config import LossConfig, Teacher
 from psd_jax.losses.matmul import matmul
 from psd_jax.models.clip import logit_scale_value
 
@@ -219,26 +219,22 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
 
 
 def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
-             subset: jax.Array | None = None, alpha: float | jax.Array = 0.0,
-             teacher: Teacher | None = None, teacher_temperature: float | None = None,
-             teacher_diagonal: str = 'keep', soft_weight: str = 'constant',
-             impl: str = 'all_gather', tile: int = 0,
-             precision: str = 'float32') -> tuple[jax.Array, dict[str, jax.Array]]:
+             config: LossConfig, subset: jax.Array | None = None,
+             alpha: float | jax.Array = 0.0,
+             teacher: Teacher | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The PSD contrastive loss; CLIP when `subset` is None.
 
     image, text: (B, D) unit-norm embeddings sharded over the data axes; logit_scale: scalar;
-    subset: (B,) bool, the items whose row and column get soft targets; alpha: the mixing weight
-    a; teacher: None for the same pass, else a `Teacher` (second pass / EMA); soft_weight:
-    'constant' (each subset row's teacher share is a) or 'off_diagonal' (a times the teacher's
-    probability mass off the row's own pair; reported as the part `soft_weight`, the mean
-    share over the subset's rows and columns);
-    teacher_temperature: relative to the student's, required with a subset (LossConfig holds
-    the configured default); impl: 'all_gather' (b x B slabs per device) or 'ring' (b x tile
-    tiles; tile 0: the whole per-device block); precision: of the similarity matmuls
-    (losses/matmul.py). Returns (scalar loss, parts).
+    config: the loss's settings, the one place they have defaults (LossConfig: teacher
+    temperature and diagonal, soft_weight, impl, tile, precision); subset: (B,) bool, the items
+    whose row and column get soft targets; alpha: the mixing weight a; teacher: None for the
+    same pass, else a `Teacher` (second pass / EMA). With soft_weight 'off_diagonal' the mean
+    teacher share over the subset's rows and columns is reported as the part `soft_weight`.
+    Returns (scalar loss, parts).
     """
-    teacher_temperature = _check_psd_args(image, text, mesh, subset, teacher,
-                                          teacher_temperature, teacher_diagonal, soft_weight)
+    _check_psd_args(image, text, mesh, subset, teacher)
+    teacher_temperature = config.teacher_temperature if subset is not None else 1.0
+    impl, tile, precision = config.impl, config.tile, config.precision
     batch_size = image.shape[0]
     with_teacher = subset is not None
     same_pass = teacher is None
@@ -255,9 +251,9 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     body = jax.shard_map(
         lambda *a: _contrastive(
             *a, axes=axes, batch_size=batch_size, with_teacher=with_teacher, same_pass=same_pass,
-            remove_diagonal=teacher_diagonal == 'remove',
+            remove_diagonal=config.teacher_diagonal == 'remove',
             inv_temperature=1.0 / teacher_temperature, n=n, tile=ring_tile,
-            precision=precision, off_diagonal=soft_weight == 'off_diagonal'),
+            precision=precision, off_diagonal=config.soft_weight == 'off_diagonal'),
         mesh=mesh,
         in_specs=(rows, rows, P(), P(), P(), rows, rows, P(), P()),
         out_specs=(P(), {'clip': P(), 'distill': P(), 'subset_size': P(),
@@ -273,45 +269,28 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     return loss, parts
 
 
-def _check_psd_args(image, text, mesh, subset, teacher, teacher_temperature, teacher_diagonal,
-                    soft_weight) -> float:
-    """psd_loss's arguments checked (ValueError naming the one at fault); returns the teacher
-    temperature to use (1 when there are no soft targets)."""
+def _check_psd_args(image, text, mesh, subset, teacher) -> None:
+    """psd_loss's arrays checked (ValueError naming the one at fault); its settings were
+    checked when their LossConfig was built."""
     _check_embeddings(image, text, mesh)
-    if teacher_diagonal not in DIAGONAL_MODES:
-        raise ValueError(f'teacher_diagonal={teacher_diagonal!r} is not known; allowed: '
-                         f'{list(DIAGONAL_MODES)}')
-    if soft_weight not in SOFT_WEIGHTS:
-        raise ValueError(f'soft_weight={soft_weight!r} is not known; allowed: '
-                         f'{list(SOFT_WEIGHTS)}')
-    if subset is None:
-        teacher_temperature = 1.0  # unused: no soft targets
-    elif teacher_temperature is None:
-        raise ValueError('psd_loss: teacher_temperature is required with a subset')
-    if not teacher_temperature > 0:
-        raise ValueError(f'teacher_temperature={teacher_temperature} must be > 0')
     if subset is not None and subset.shape != (image.shape[0],):
         raise ValueError(f'subset mask has shape {subset.shape}, expected ({image.shape[0]},)')
     if teacher is not None:
         for name, x in (('teacher.image', teacher.image), ('teacher.text', teacher.text)):
             if x.shape != image.shape:
                 raise ValueError(f'{name} has shape {x.shape}, expected {image.shape}')
-    return teacher_temperature
 
 
 def _ring_tile(impl: str, tile: int, per_device: int) -> int:
     """0 for the all_gather implementation, else the ring's tile width (checked)."""
-    if impl not in LOSS_IMPLS:
-        raise ValueError(f'loss.impl={impl!r} is not known; allowed: {list(LOSS_IMPLS)}')
     return ring.check_tile(tile, per_device) if impl == 'ring' else 0
 
 
 def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
-              impl: str = 'all_gather', tile: int = 0,
-              precision: str = 'float32') -> tuple[jax.Array, dict[str, jax.Array]]:
-    """CLIP InfoNCE, both directions over the global batch: (B, D), (B, D), scalar -> loss."""
-    return psd_loss(image, text, logit_scale, mesh=mesh, impl=impl, tile=tile,
-                    precision=precision)
+              config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CLIP InfoNCE, both directions over the global batch: (B, D), (B, D), scalar -> loss;
+    `config` gives impl, tile and precision (its PSD settings are not used)."""
+    return psd_loss(image, text, logit_scale, mesh=mesh, config=config)
 
 
 def _sigmoid(image, text, scale, bias, *, axes, n, tile, precision):
@@ -331,15 +310,16 @@ def _sigmoid(image, text, scale, bias, *, axes, n, tile, precision):
 
 
 def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
-                 logit_bias: jax.Array, *, mesh: Mesh, impl: str = 'all_gather',
-                 tile: int = 0, precision: str = 'float32'
+                 logit_bias: jax.Array, *, mesh: Mesh, config: LossConfig
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SigLIP: -1/B sum_ij log sigmoid(z_ij (t u_i.v_j + bias)), z = +1 on pairs, -1 elsewhere.
 
     Each device scores its b images against all B captions (all_gather of the captions, or
-    the captions circulating in b x tile tiles with impl='ring').
+    the captions circulating in b x tile tiles with config.impl='ring'); `config` gives impl,
+    tile and precision.
     """
     _check_embeddings(image, text, mesh)
+    impl, tile, precision = config.impl, config.tile, config.precision
     axes = shd.data_axes(mesh)
     rows = shd.batch_spec(mesh)
     n = shd.data_size(mesh)

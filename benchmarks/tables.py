@@ -1,0 +1,190 @@
+"""The Markdown tables of README.md and docs/, each written from a stored results JSON.
+
+Each function takes the repository root and returns one generated block (a table and the line
+that names its source: the JSON, its commit, date, machine and command), so that the docs say
+which code state every figure describes. benchmarks/render.py puts the blocks into the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import statistics
+
+GIB = 2 ** 30
+
+
+def load(root: pathlib.Path, name: str) -> dict:
+    """A results JSON by its path relative to the repository root."""
+    return json.loads((root / name).read_text())
+
+
+def source(name: str, result: dict) -> str:
+    """The line under a table naming where its figures come from."""
+    machine = f', {result["machine"]}' if result.get('machine') else ''
+    return (f'<sub>From `{name}`: commit {result["commit"]}, {result["date"]}{machine}; '
+            f'`{result["command"]}`.</sub>')
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return f'{100 * x:.{digits}f}%'
+
+
+def table(header: list[str], align: str, rows: list[list[str]]) -> str:
+    """A Markdown table; `align` has one character per column: 'l' or 'r'."""
+    marks = ['---:' if a == 'r' else '---' for a in align]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(marks) + '|']
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
+def demo(root: pathlib.Path) -> str:
+    """README's demo table: retrieval both ways, zero-shot and wall time of configs/demo.py."""
+    name = 'benchmarks/results/demo_wall_time.json'
+    result = load(root, name)
+    runs = result['runs']['current']
+    m = runs[0]['metrics']
+    same = all(r['metrics'] == m for r in runs)
+    rows = []
+    for label, d in (('image -> caption', 'i2t'), ('caption -> image', 't2i')):
+        g = lambda k: m[f'eval/retrieval/{d}_{k}']  # noqa: E731
+        rows.append([label, pct(g('R@1')), pct(g('R@5')), pct(g('R@10')),
+                     f'{g("median_rank"):.0f}', '0.05%'])
+    seconds = ' / '.join(f'{r["seconds"]:.0f}' for r in runs)
+    return '\n'.join([
+        table(['evaluation', 'R@1', 'R@5', 'R@10', 'median rank', 'chance R@1'], 'lrrrrr',
+              rows), '',
+        f'Zero-shot into the 10 emoji groups: top-1 {pct(m["eval/zero_shot/top1"])} (chance '
+        f'10%), top-5 {pct(m["eval/zero_shot/top5"])} (chance 50%). Wall time, start to final '
+        f'metrics, data already fetched: median {result["median_s"]["current"]:.0f} s of '
+        f'{len(runs)} runs ({seconds} s)' + (', each with these metrics.' if same else
+                                             '; metrics of the first run.'),
+        '', source(name, result)])
+
+
+def suite(root: pathlib.Path) -> str:
+    """README's table of the demo suite on the demo's final checkpoint."""
+    name = 'docs/results/demo_suite.json'
+    result = load(root, name)
+    rows = [[b['name'], b['task'], b['data'], b['headline_metric'], pct(b['headline'], 2),
+             f'{b["images"]:,}'] for b in result['benchmarks']]
+    rows.append([f'**average** ({len(result["benchmarks"])})', '', '', '',
+                 f'**{pct(result["average"], 2)}**', ''])
+    return '\n'.join([table(['benchmark', 'task', 'data', 'metric', 'value', 'images'],
+                            'llllrr', rows), '', source(name, result)])
+
+
+def step_time(root: pathlib.Path, name: str = 'benchmarks/results/step_time.json') -> str:
+    """README's cost of PSD: ms per train step of each variant and its ratio to the first."""
+    result = load(root, name)
+    rows = [[r['variant'], f'{r["ms_per_step"]:.1f}', f'{r["ratio_to_clip"]:.3f}']
+            for r in result['rows']]
+    return '\n'.join([table(['variant', 'ms/step', 'vs CLIP'], 'lrr', rows), '',
+                      source(name, result)])
+
+
+def loss_memory(root: pathlib.Path) -> str:
+    """docs/performance.md: GiB of compiled loss temporaries per device, by scheme."""
+    name = 'benchmarks/results/loss_memory.json'
+    result = load(root, name)
+    rows = []
+    for r in result['rows']:
+        gather, ring = r['all_gather_temp_bytes_per_device'], r['ring_temp_bytes_per_device']
+        replicated = r.get('replicated_temp_bytes_per_device')
+        rows.append([f'{r["batch"]:,}', str(r['dim']), r['loss'], f'{gather / GIB:.3f}',
+                     f'{ring / GIB:.3f}', '-' if replicated is None else
+                     f'{replicated / GIB:.3f}', f'{gather / ring:.1f}'])
+    return '\n'.join([table(['B', 'D', 'loss', 'all_gather', 'ring',
+                             'replicated (one device holds B x B)', 'all_gather / ring'],
+                            'rrlrrrr', rows), '', source(name, result)])
+
+
+CONFIGS = {'psd_cc12m_vitb16': 'ViT-B/16, PSD, EMA teacher', 'psd_yfcc15m_rn50':
+           'RN50, PSD, EMA teacher', 'psd_cc3m_vitb32': 'ViT-B/32, PSD, EMA teacher',
+           'clip_cc3m_vitb32': 'ViT-B/32, CLIP'}
+
+
+def fit_own(root: pathlib.Path) -> str:
+    """docs/performance.md: each paper config compiled at its own batch for its TPU slice."""
+    name = 'benchmarks/results/fit.json'
+    run = load(root, name)['runs']['own_batch']
+    rows = []
+    for f in run['fit']:
+        slice_, devices = re.match(r'(\S+) \((\d+)', f['topology']).groups()
+        rows.append([f'{f["config"]} ({CONFIGS.get(f["config"], "")})', f'{slice_} ({devices})',
+                     f'{f["own_batch"]:,}', f'{f["own_total_gib"]:.2f}',
+                     'yes' if f['own_fits'] else 'no', f'{f["own_model_tflop_per_device"]:.2f}'])
+    return '\n'.join([table(['config', 'slice (devices)', 'global batch', 'GiB per device (of 32)',
+                             'fits', 'model TFLOP per device'], 'llrrlr', rows), '',
+                      source(name, run)])
+
+
+def refused_batch(attempt: dict) -> str:
+    """'163,840 (37.94G)': a batch the compiler refused and the temporaries it asked for."""
+    asked = re.search(r'temporaries \((\S+G)\)', attempt['error'])
+    return f'{attempt["global_batch"]:,}' + (f' ({asked[1]})' if asked else '')
+
+
+def fit_levers(root: pathlib.Path) -> str:
+    """docs/performance.md: ViT-B/16's largest global batch with each memory lever."""
+    name = 'benchmarks/results/fit.json'
+    runs = load(root, name)['runs']
+    rows, sources = [], []
+    for key in ('vitb16_remat_none', 'vitb16_remat_full', 'vitb16_accumulation'):
+        sources.append(source(f'{name} ({key})', runs[key]))
+        for f in runs[key]['fit']:
+            k = f['overrides'].get('train.micro_batches')
+            lever = f['lever'].replace('accumulation', f'accumulation (k = {k})')
+            tries = sorted(f['tries'], key=lambda t: t['global_batch'])
+            fits = [f'{t["global_batch"]:,} ({t["total_gib"]:.2f})' for t in tries
+                    if t['error'] is None]
+            refused = [refused_batch(t) for t in tries if t['error'] is not None]
+            rows.append([lever, f'{f["own_total_gib"]:.2f}', '; '.join(fits) or '-',
+                         '; '.join(refused) or '-', f'{f["largest_batch"]:,}'])
+    return '\n'.join([table(['lever', 'at 8,192', 'fits: global batch (GiB per device)',
+                             'refused (temporaries the compiler asked for)', 'largest found'],
+                            'lrllr', rows), ''] + ['<br>'.join(sources)])
+
+
+CASES = {'small': 'small ViT (width 256, depth 4, 64 px, patch 8; text 256 x 4, context 32)',
+         'vitb32': 'ViT-B/32 (224 px, context 77)', 'vitb16': 'ViT-B/16 (224 px, bfloat16)'}
+
+
+def vs_open_clip(root: pathlib.Path) -> str:
+    """docs/performance.md: psd_jax's train step against open_clip's, after the same-loss
+    check."""
+    name = 'benchmarks/results/vs_open_clip.json'
+    result = load(root, name)
+    rows = []
+    for r in result['rows']:
+        def rounds(side):
+            return ' / '.join(f'{1e3 * statistics.median(a["block_s"]):,.1f}'
+                              for a in r['runs'][side])
+        check = r['same_loss']
+        rows.append([CASES.get(r['case'], r['case']), str(r['batch']),
+                     f'{check["psd_jax_loss"]:.5f} / {check["open_clip_loss"]:.5f} '
+                     f'({check["relative_difference"]:.0e})',
+                     f'{r["psd_jax_ms"]:,.1f} ({rounds("psd_jax")})',
+                     f'{r["open_clip_ms"]:,.1f} ({rounds("open_clip")})', f'{r["ratio"]:.3f}'])
+    return '\n'.join([table(['case', 'batch', 'initial loss psd_jax / open_clip (rel. diff.)',
+                             'psd_jax ms/step (rounds)', 'open_clip ms/step (rounds)',
+                             'psd_jax / open_clip'], 'lrlllr', rows), '', source(name, result)])
+
+
+def profile(root: pathlib.Path) -> str:
+    """docs/performance.md: where the small case's step time goes, by part of the model."""
+    name = 'benchmarks/results/profile_small.json'
+    result = load(root, name)
+    total = sum(p['matmul_ms'] + p['other_ms'] for p in result['parts'])
+    rows = [[p['part'], f'{p["matmul_ms"]:.1f}', f'{p["other_ms"]:.1f}',
+             pct((p['matmul_ms'] + p['other_ms']) / total)] for p in result['parts']]
+    return '\n'.join([table(['part', 'matmuls ms', 'everything else ms', 'share'], 'lrrr', rows),
+                      '', f'Wall time per step: {result["wall_ms_per_step"]:,.1f} ms.', '',
+                      source(name, result)])
+
+
+TABLES = {'demo': demo, 'suite': suite, 'step_time': step_time, 'loss_memory': loss_memory,
+          'fit_own': fit_own, 'fit_levers': fit_levers, 'vs_open_clip': vs_open_clip,
+          'profile': profile,
+          'step_time_patch_dropout': lambda root: step_time(
+              root, 'benchmarks/results/step_time_patch_dropout.json')}
