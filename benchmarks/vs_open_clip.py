@@ -165,9 +165,8 @@ def open_clip_loss(case: dict, folder: pathlib.Path) -> dict:
     import numpy as np
     import open_clip
     import torch
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from safetensors.torch import save_file
-
-    from psd_jax.models.clip import CLIP_MEAN, CLIP_STD
     torch.manual_seed(0)
     model = open_clip.CLIP(**open_clip_cfg(case)).eval()
     (folder / 'model').mkdir()
@@ -176,8 +175,8 @@ def open_clip_loss(case: dict, folder: pathlib.Path) -> dict:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(folder / 'model' / 'open_clip_model.safetensors'))
     data = np.load(folder / 'batch.npz')
-    pixels = (data['image'].astype(np.float32) / 255 - np.float32(CLIP_MEAN)) / np.float32(
-        CLIP_STD)
+    pixels = (data['image'].astype(np.float32) / 255 - np.float32(OPENAI_DATASET_MEAN)
+              ) / np.float32(OPENAI_DATASET_STD)
     with torch.no_grad():
         features = model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()),
                          torch.from_numpy(data['text'].astype(np.int64)))
