@@ -48,7 +48,7 @@ def main() -> None:
     import vs_open_clip
 
     run = vs_open_clip.psd_jax_step(vs_open_clip.CASES[args.case])
-    fn, state, batch = run['fn'], run['state'], run['batch']
+    fn, state, batch = run['fn'], run['state'], run['put'](run['batch'])
     for _ in range(2):
         state, metrics = fn(state, batch)
     jax.block_until_ready(metrics)
@@ -89,7 +89,8 @@ def main() -> None:
     if args.out:
         from psd_jax import provenance
         pathlib.Path(args.out).write_text(json.dumps(
-            {**provenance.record('python benchmarks/profile_step.py'), 'case': args.case, 'wall_ms_per_step': 1e3 * wall, 'parts': out}, indent=1))
+            {**provenance.record('python benchmarks/profile_step.py'), 'case': args.case,
+             'wall_ms_per_step': 1e3 * wall, 'parts': out}, indent=1))
         print(f'wrote {args.out}')
 
 

@@ -74,11 +74,13 @@ def suite(root: pathlib.Path) -> str:
                             'llllrr', rows), '', source(name, result)])
 
 
-def step_time(root: pathlib.Path, name: str = 'benchmarks/results/step_time.json') -> str:
-    """README's cost of PSD: ms per train step of each variant and its ratio to the first."""
+def step_time(root: pathlib.Path, name: str = 'benchmarks/results/step_time.json',
+              patch_dropout: bool = False) -> str:
+    """README's cost of PSD (the teacher variants) or of patch dropout (`patch_dropout`): ms
+    per train step of each variant and its ratio to CLIP's in the same run."""
     result = load(root, name)
     rows = [[r['variant'], f'{r["ms_per_step"]:.1f}', f'{r["ratio_to_clip"]:.3f}']
-            for r in result['rows']]
+            for r in result['rows'] if patch_dropout or 'patch_dropout' not in r['variant']]
     return '\n'.join([table(['variant', 'ms/step', 'vs CLIP'], 'lrr', rows), '',
                       source(name, result)])
 
@@ -94,9 +96,16 @@ def loss_memory(root: pathlib.Path) -> str:
         rows.append([f'{r["batch"]:,}', str(r['dim']), r['loss'], f'{gather / GIB:.3f}',
                      f'{ring / GIB:.3f}', '-' if replicated is None else
                      f'{replicated / GIB:.3f}', f'{gather / ring:.1f}'])
+    largest = max(r['batch'] for r in result['rows'])
+    at = {(r['loss'], r['dim']): r for r in result['rows'] if r['batch'] == largest}
+    dim = max(d for _, d in at)
+    summary = ', '.join(f'{loss} {at[(loss, dim)]["ring_temp_bytes_per_device"] / GIB:.2f} GiB'
+                        for loss, d in at if d == dim)
     return '\n'.join([table(['B', 'D', 'loss', 'all_gather', 'ring',
                              'replicated (one device holds B x B)', 'all_gather / ring'],
-                            'rrlrrrr', rows), '', source(name, result)])
+                            'rrlrrrr', rows), '',
+                       f'At B = {largest:,}, D = {dim}, the ring needs: {summary} per device.',
+                       '', source(name, result)])
 
 
 CONFIGS = {'psd_cc12m_vitb16': 'ViT-B/16, PSD, EMA teacher', 'psd_yfcc15m_rn50':
@@ -183,8 +192,96 @@ def profile(root: pathlib.Path) -> str:
                       source(name, result)])
 
 
+def input_pipeline(root: pathlib.Path) -> str:
+    """README's input pipeline: images/s by image size, grain workers and read-ahead."""
+    name = 'benchmarks/results/input_pipeline.json'
+    result = load(root, name)
+
+    def key(r):
+        return r['image_size'], r['workers'], (r.get('read_threads', 0), r.get('read_ahead', 0))
+    value = {key(r): r['images_per_s'] for r in result['rows']}
+    reads = sorted({k[2] for k in value})
+    workers = sorted({k[1] for k in value})
+    header = ['image size'] + [f'{w} worker{"s" * (w != 1)}, read {t},{a}'
+                               for (t, a) in reads for w in workers]
+    rows = [[str(size)] + [f'{value[(size, w, rd)]:,.0f}' if (size, w, rd) in value else '-'
+                           for rd in reads for w in workers]
+            for size in sorted({k[0] for k in value})]
+    return '\n'.join([table(header, 'r' * len(header), rows), '', source(name, result)])
+
+
+def prepare_throughput(root: pathlib.Path) -> str:
+    """README's data preparation: images/s one process and through Beam's local runner."""
+    name = 'benchmarks/results/prepare_throughput.json'
+    result = load(root, name)
+    rows = [[r['way'], ' / '.join(f'{s:.1f}' for s in r['seconds']),
+             f'{r["images_per_s"]:,.0f}'] for r in result['rows']]
+    return '\n'.join([table([f'preparing {result["images"]:,} images', 'seconds (runs)',
+                              'images/s (median)'], 'lrr', rows), '', source(name, result)])
+
+
+def flops(root: pathlib.Path) -> str:
+    """docs/performance.md: the model's FLOP count against XLA's for one compiled TPU step."""
+    name = 'benchmarks/results/flops_psd_cc3m_vitb32_v4-32.json'
+    r = load(root, name)
+    model, xla = r['model_flops_per_device'] / 1e12, r['flops_per_device'] / 1e12
+    return '\n'.join([
+        f'{r["devices"]}, global batch {r["global_batch"]:,}: {model:.2f} TFLOP per device by '
+        f'the model count, {xla:.2f} by XLA\'s ({r["flops_per_step"] / 1e12:.1f} per step, '
+        f'{pct(xla / model, 0)} of the model count); {r["total_gib"]:.2f} GiB per device.', '',
+        source(name, r)])
+
+
+PROTOCOL = 'docs/results/protocol.json'
+SETTINGS = {
+    'psd_ema-offdiag_x2': '**teacher share weighted by its off-diagonal mass (`soft_weight = '
+                          'off_diagonal`), temperature x2: the default**',
+    'psd_ema-temp_x2': 'constant share, temperature x2 (the previous default)',
+    'psd_ema-late_x2': 'constant share, temperature x2, distilling from half-way '
+                       '(`alpha_start_step`)',
+    'psd_ema-temp_half': 'constant share, teacher sharper than the student (temperature x0.5)'}
+CONDITIONS = {'emoji_clean': 'emoji, clean', 'emoji_shuffle_0.4': 'emoji, 40% shuffled',
+              'emoji_within_group_0.4': 'emoji, 40% swapped in subgroup',
+              'emoji_styles_clean': 'emoji_styles, clean',
+              'emoji_styles_shuffle_0.4': 'emoji_styles, 40% shuffled',
+              'fashion_clean': 'Fashion-MNIST, clean',
+              'fashion_shuffle_0.5': 'Fashion-MNIST, 50% shuffled'}
+
+
+def signed(x: float) -> str:
+    return f'{100 * x:+.1f}'
+
+
+def protocol_ranking(root: pathlib.Path) -> str:
+    """README's selection protocol: each candidate's worst and mean difference to CLIP."""
+    result = load(root, PROTOCOL)
+    rows = []
+    for key, s in sorted(result['summary'].items(), key=lambda kv: -kv[1]['worst_relative']):
+        n = len(s['conditions'])
+        rows.append([SETTINGS.get(key, key), f'{signed(s["worst_relative"])}% '
+                     f'({CONDITIONS.get(s["worst_condition"], s["worst_condition"])})',
+                     f'{signed(s["mean_relative"])}%',
+                     f'{s["intervals_above"]} / {s["intervals_below"]} (of {n})'])
+    return '\n'.join([table(['candidate (EMA teacher, momentum 0.99, half of each batch, a '
+                             'ramped to 0.5)', 'worst relative difference to CLIP',
+                             'mean relative difference', 'intervals above / below 0'],
+                            'lrrr', rows), '', source(PROTOCOL, result)])
+
+
+def protocol_default(root: pathlib.Path) -> str:
+    """README's selection protocol: the chosen default against CLIP on every condition."""
+    result = load(root, PROTOCOL)
+    rows = [[CONDITIONS.get(c, c), f'{100 * r["clip"]:.1f}', f'{100 * r["psd"]:.1f}',
+             f'{signed(r["diff"])} [{signed(r["low"])}, {signed(r["high"])}]']
+            for c, r in result['summary']['psd_ema-offdiag_x2']['conditions'].items()]
+    return '\n'.join([table(['condition', 'CLIP', 'PSD (default)', 'PSD - CLIP [95% CI]'],
+                             'lrrr', rows), '', source(PROTOCOL, result)])
+
+
 TABLES = {'demo': demo, 'suite': suite, 'step_time': step_time, 'loss_memory': loss_memory,
           'fit_own': fit_own, 'fit_levers': fit_levers, 'vs_open_clip': vs_open_clip,
-          'profile': profile,
+          'profile': profile, 'input_pipeline': input_pipeline,
+          'prepare_throughput': prepare_throughput, 'flops': flops,
+          'protocol_ranking': protocol_ranking, 'protocol_default': protocol_default,
           'step_time_patch_dropout': lambda root: step_time(
-              root, 'benchmarks/results/step_time_patch_dropout.json')}
+              root, 'benchmarks/results/step_time_patch_dropout.json', patch_dropout=True)}

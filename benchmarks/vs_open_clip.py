@@ -8,13 +8,13 @@ One step is what each tool does per training step: forward of both towers, the C
 backward, gradient clipping (norm 1) and AdamW. Each side runs in its own process (open_clip in
 the venv's Python, psd_jax in this one), alternated --rounds times so drifts in machine load
 hit both alike; a process warms up (compiles) and then times --repeats blocks of --steps steps,
-and reports its median block. The table shows the median over rounds and the ratio
-psd_jax / open_clip (below 1: psd_jax is faster). Inputs are what each tool's pipeline hands its
-step: uint8 pixels for psd_jax (normalised on the device), float32 normalised tensors for
-open_clip. Before timing a case, both sides compute the loss of the same initial weights on the
-same batch: open_clip's freshly initialised model is written as an open_clip folder, imported
-through psd_jax.pretrained (what a user's import does), and both losses must agree within
---same_loss_rtol; the JSON records the two losses. Cases:
+and reports its median block. The table shows the median over rounds and the ratio psd_jax /
+open_clip (below 1: psd_jax is faster). Inputs are what each tool's pipeline hands its step:
+uint8 pixels for psd_jax (normalised on the device), float32 normalised tensors for open_clip.
+Before timing a case, both sides compute the loss of the same initial weights on the same batch
+(in float32, at most 64 examples): open_clip's freshly initialised model is written as an
+open_clip folder, imported through psd_jax.pretrained (what a user's import does), and both
+losses must agree within --same_loss_rtol; the JSON records the two losses. Cases:
 
     small    ViT width 256, depth 4, patch 8, 64 px; text width 256, depth 4, context 32; batch 64
     vitb32   ViT-B/32 (OpenAI's architecture, quick GELU), 224 px, context 77; batch 16
@@ -150,6 +150,12 @@ def open_clip_cfg(case: dict) -> dict:
                               heads=t_heads, layers=t_depth))
 
 
+def check_case(case: dict) -> dict:
+    """The case the same-loss check computes: float32 (so that equal computations agree to
+    rounding whatever dtype the case times in) and at most 64 examples."""
+    return dict(case, dtype='float32', batch=min(case['batch'], 64))
+
+
 def check_batch(case: dict, folder: pathlib.Path) -> None:
     """The batch both sides compute the loss of: uint8 images (B, S, S, 3), token ids (B, L)."""
     import numpy as np
@@ -205,8 +211,8 @@ def same_loss(case_name: str, args) -> dict:
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
-        check_batch(dict(CASES[case_name], **({'batch': args.batch} if args.batch else {})),
-                    folder)
+        check_batch(check_case(dict(CASES[case_name],
+                                    **({'batch': args.batch} if args.batch else {}))), folder)
         losses = {side: run_worker(side, case_name, args, ['--check', str(folder)])['loss']
                   for side in ('open_clip', 'psd_jax')}
     rel = abs(losses['psd_jax'] - losses['open_clip']) / abs(losses['open_clip'])
@@ -237,6 +243,24 @@ def run_worker(side: str, case_name: str, args, extra: tuple = ()) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def report(rows: list[dict], args) -> None:
+    """Prints the table and writes the JSON (with its provenance) to --out."""
+    print(f'\nmedian of {args.rounds} rounds (each: median of {args.repeats} blocks of '
+          f'{args.steps} steps)')
+    print(f'{"case":>8} {"batch":>6} {"dtype":>9} {"psd_jax ms":>11} {"open_clip ms":>13} '
+          f'{"ratio":>6} {"psd_jax img/s":>14} {"open_clip img/s":>16}')
+    for row in rows:
+        print(f'{row["case"]:>8} {row["batch"]:>6} {row["dtype"]:>9} {row["psd_jax_ms"]:>11.1f} '
+              f'{row["open_clip_ms"]:>13.1f} {row["ratio"]:>6.3f} '
+              f'{row["psd_jax_images_per_s"]:>14.1f} {row["open_clip_images_per_s"]:>16.1f}')
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from psd_jax import provenance
+    out.write_text(json.dumps({**provenance.record('python benchmarks/vs_open_clip.py'),
+                               'rows': rows}, indent=1))
+    print(f'wrote {out}')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cases', nargs='+', default=['small', 'vitb32'], choices=list(CASES))
@@ -257,7 +281,7 @@ def main() -> None:
         case = dict(CASES[args.cases[0]], **({'batch': args.batch} if args.batch else {}))
         if args.check:
             work = psd_jax_loss if args.worker == 'psd_jax' else open_clip_loss
-            print(json.dumps(work(case, args.check)))
+            print(json.dumps(work(check_case(case), args.check)))
             return
         work = psd_jax_worker if args.worker == 'psd_jax' else open_clip_worker
         print(json.dumps(work(case, args.steps, args.repeats, args.warmup)))
@@ -287,20 +311,7 @@ def main() -> None:
                      'open_clip_images_per_s': 1e3 * batch / ms['open_clip'],
                      'versions': runs['open_clip'][0]['versions'], 'same_loss': check,
                      'runs': runs})
-    print(f'\nmedian of {args.rounds} rounds (each: median of {args.repeats} blocks of '
-          f'{args.steps} steps)')
-    print(f'{"case":>8} {"batch":>6} {"dtype":>9} {"psd_jax ms":>11} {"open_clip ms":>13} '
-          f'{"ratio":>6} {"psd_jax img/s":>14} {"open_clip img/s":>16}')
-    for row in rows:
-        print(f'{row["case"]:>8} {row["batch"]:>6} {row["dtype"]:>9} {row["psd_jax_ms"]:>11.1f} '
-              f'{row["open_clip_ms"]:>13.1f} {row["ratio"]:>6.3f} '
-              f'{row["psd_jax_images_per_s"]:>14.1f} {row["open_clip_images_per_s"]:>16.1f}')
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from psd_jax import provenance
-    out.write_text(json.dumps({**provenance.record('python benchmarks/vs_open_clip.py'),
-                               'rows': rows}, indent=1))
-    print(f'wrote {out}')
+    report(rows, args)
 
 
 if __name__ == '__main__':

@@ -149,7 +149,6 @@ def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
     config = config.copy_and_resolve_references()
     config.data.global_batch = global_batch
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-    sharding.check_batch(global_batch, mesh, 'config.data.global_batch')
     setup = config_lib.step_setup(config, mesh, dataset_size=dataset_size)
     shardings = step.state_shardings(setup, config.param_sharding)
     start = time.perf_counter()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+import jax
 import ml_collections
 
-from psd_jax import guard, losses, schedules, sharding, step
+from psd_jax import accumulate, guard, losses, schedules, sharding, step
 from psd_jax.evaluation import run as evaluation
 from psd_jax.data import builders, datasets, pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
@@ -314,9 +315,25 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
                                           precision=config.loss.precision)
 
 
+def check_global_batch(config: ml_collections.ConfigDict, mesh) -> None:
+    """The one check of data.global_batch against the run it configures: it splits evenly over
+    the mesh's data axes, across the JAX processes, and into train.micro_batches per shard
+    (ValueError naming the key and the sizes that would work)."""
+    batch = config.data.global_batch  # its sign and the other ranges: validate()
+    sharding.check_batch(batch, mesh, 'config.data.global_batch')
+    hosts = jax.process_count()
+    _check(batch % hosts == 0, 'data.global_batch',
+           f'{batch} does not divide across the {hosts} JAX processes; use a multiple of {hosts}')
+    accumulate.check_micro_batches(config.train.micro_batches,
+                                   batch // sharding.data_size(mesh),
+                                   model_spec(config).image['kind'] == 'resnet')
+
+
 def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -> step.StepSetup:
     """The static parts of the train step, from the config (`dataset_size`: the number of
-    training pairs, which sizes the embedding bank of psd.teacher='bank')."""
+    training pairs, which sizes the embedding bank of psd.teacher='bank'); data.global_batch is
+    checked against the mesh here (check_global_batch)."""
+    check_global_batch(config, mesh)
     loss = loss_config(config)
     platform = mesh.devices.flat[0].platform
     _check(config.model.attention != 'cudnn' or platform == 'gpu', 'model.attention',

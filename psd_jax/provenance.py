@@ -14,8 +14,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """The checkout's short commit, with '+' when tracked files differ from it ('' outside a
-    git checkout)."""
+    """The checkout's short commit, with '+' when tracked files other than stored results
+    (benchmarks/results/, docs/results/, which the benchmarks themselves write) differ from it
+    ('' outside a git checkout)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(['git', *args], cwd=ROOT, capture_output=True,
@@ -23,7 +24,9 @@ def commit() -> str:
         except OSError:
             return ''
     head = git('rev-parse', '--short', 'HEAD')
-    return head + ('+' if head and git('status', '--porcelain', '--untracked-files=no') else '')
+    return head + ('+' if head and git('status', '--porcelain', '--untracked-files=no', '--', '.',
+                                              ':!benchmarks/results', ':!docs/results')
+                   else '')
 
 
 def machine() -> str:

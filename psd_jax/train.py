@@ -82,7 +82,7 @@ class Run:
         one (restore_or_init)."""
         config = self.config
         mesh = sharding.make_mesh(config.mesh.to_dict())
-        sharding.check_batch(config.data.global_batch, mesh, 'config.data.global_batch')
+        config_lib.check_global_batch(config, mesh)  # before any data is read or prepared
         logging.info('%s', sharding.describe(mesh))
         self.tokenizer = make_tokenizer(config)
         config_lib.check_own_data(config)

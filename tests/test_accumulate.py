@@ -57,3 +57,18 @@ def test_what_cannot_be_split_is_named(devices, seed):
     with pytest.raises(ValueError, match='BatchNorm'):
         step.compile_train_step(resnet, step.state_shardings(resnet),
                                 step.batch_spec(resnet, B))
+
+
+def test_micro_batches_lower_the_compiled_temporaries(devices):
+    """Accumulation is a memory lever: the compiled train step with k = 4 micro-batches asks
+    for clearly fewer bytes of temporaries than the one-batch step at the same global batch (a
+    k that split nothing would fail this)."""
+    mesh = sharding.make_mesh({'data': 2}, devices[:2])
+    whole = make_setup('tiny', losses.LossConfig(kind='clip'), mesh)
+    sizes = {}
+    for k in (1, 4):
+        setup = dataclasses.replace(whole, micro_batches=k)
+        compiled = step.compile_train_step(setup, step.state_shardings(setup),
+                                           step.batch_spec(setup, 64))
+        sizes[k] = compiled.memory_analysis().temp_size_in_bytes
+    assert sizes[4] < 0.7 * sizes[1], sizes

@@ -159,3 +159,24 @@ def test_the_loss_defaults_are_written_once():
     for signature in signatures:
         assert not {'impl', 'tile', 'precision', 'soft_weight'} & set(signature.parameters)
         assert signature.parameters['config'].default is inspect.Parameter.empty
+
+
+def test_the_global_batch_is_checked_in_one_place_before_anything_is_built(devices):
+    """config.check_global_batch, which step_setup (and so every entry point) runs: the batch
+    must split over the data axes and into train.micro_batches per shard, with BatchNorm
+    refusing accumulation; each refusal names its key. A batch that fits passes."""
+    mesh = sharding.make_mesh({'data': 4, 'fsdp': 2}, devices)
+    config = config_lib.base_config()
+    config.data.global_batch, config.train.micro_batches = 48, 2
+    config_lib.check_global_batch(config, mesh)  # 48 / 8 = 6 per shard, 2 micro-batches of 3
+    config.data.global_batch = 44
+    with pytest.raises(ValueError, match=r'config.data.global_batch size 44 does not divide '
+                                         r'across the data axes'):
+        config_lib.step_setup(config, mesh)
+    config.data.global_batch, config.train.micro_batches = 48, 4
+    with pytest.raises(ValueError, match=r'train.micro_batches=4 must divide the per-shard '
+                                         r'batch 6 .*\[1, 2, 3, 6\]'):
+        config_lib.step_setup(config, mesh)
+    config.model.preset, config.train.micro_batches = 'RN50', 2
+    with pytest.raises(ValueError, match='BatchNorm'):
+        config_lib.check_global_batch(config, mesh)

@@ -178,16 +178,18 @@ def test_own_data_split_names_are_checked_before_anything_is_prepared(tmp_path):
         config_lib.check_own_data(config)
 
 
-def test_a_non_finite_step_is_not_applied_and_is_counted(devices):
-    """The guard inside the step: a finite step changes parameters and optimizer state; a step
-    whose loss is NaN (one parameter poisoned) leaves every array as it was, bit for bit, and
-    advances only the step counter and the skip counters."""
+@pytest.mark.parametrize('kind', ['clip', 'psd', 'sigmoid'])
+def test_a_non_finite_step_is_not_applied_and_is_counted(devices, kind):
+    """The guard inside the step, for every loss kind (psd: the default EMA teacher): a finite
+    step changes parameters and optimizer state; a step whose loss is NaN (one parameter
+    poisoned) leaves every array as it was (parameters, optimizer state, the EMA teacher), bit
+    for bit, and advances only the step counter and the skip counters."""
     import jax
 
     from psd_jax import batch as batch_lib, sharding, step
 
     config = config_lib.base_config()
-    config.loss.kind, config.data.global_batch = 'clip', 8
+    config.loss.kind, config.data.global_batch = kind, 8
     mesh = sharding.make_mesh({'data': 1}, devices[:1])
     setup = config_lib.step_setup(config, mesh)
     spec = step.batch_spec(setup, 8)
@@ -205,8 +207,10 @@ def test_a_non_finite_step_is_not_applied_and_is_counted(devices):
     assert int(kept.step) == 3
     assert {k: int(v) for k, v in kept.health.items()} == {'skipped_in_a_row': 2,
                                                             'skipped_total': 2}
-    for want, got in zip(jax.tree.leaves((poisoned.params, poisoned.opt_state)),
-                         jax.tree.leaves((kept.params, kept.opt_state))):
+    assert (kept.ema_params is None) == (kind != 'psd')
+    for want, got in zip(jax.tree.leaves((poisoned.params, poisoned.opt_state,
+                                          poisoned.ema_params)),
+                         jax.tree.leaves((kept.params, kept.opt_state, kept.ema_params))):
         np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
 
 
