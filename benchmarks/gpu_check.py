@@ -5,8 +5,8 @@
 
 Stages, in order, each skipped once the budget is spent (the JSON says which ran):
   step_time   ViT-B/32 and ViT-B/16 in bfloat16 at several batches, attention 'xla' vs
-              'cudnn': median step time, images/s, MFU (model FLOPs, psd_jax/flops.py) and
-              HFU (XLA's count) against the device's peak (psd_jax/mfu.py).
+              'cudnn': median step time, images/s, MFU (model FLOPs, psd_jax/training/flops.py) and
+              HFU (XLA's count) against the device's peak (psd_jax/training/mfu.py).
   loss_memory peak device memory (the allocator's peak_bytes_in_use) of a PSD step with the
               ring loss vs the all_gather loss at the same batch.
   vs_open_clip open_clip's train step on the same GPU (benchmarks/vs_open_clip.py), when
@@ -72,7 +72,8 @@ def time_step(config, steps: int, repeats: int) -> dict:
     import jax
     import numpy as np
 
-    from psd_jax import batch as batch_lib, config as config_lib, flops, mfu, sharding, step
+    from psd_jax import config as config_lib, sharding
+    from psd_jax.training import batch as batch_lib, flops, mfu, step
     mesh = sharding.make_mesh(config.mesh.to_dict())
     setup = config_lib.step_setup(config, mesh)
     shardings = step.state_shardings(setup, config.param_sharding)

@@ -43,7 +43,8 @@ def prepare(config_path: str, mesh, variant: dict) -> dict:
     import jax
     import numpy as np
 
-    from psd_jax import batch as batch_lib, config as config_lib, sharding, step
+    from psd_jax import config as config_lib, sharding
+    from psd_jax.training import batch as batch_lib, step
 
     config = load_config(config_path)
     config.loss.kind = variant['kind']

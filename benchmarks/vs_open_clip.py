@@ -52,7 +52,8 @@ def psd_jax_step(case: dict) -> dict:
     import jax
     import numpy as np
 
-    from psd_jax import batch as batch_lib, config as config_lib, models, sharding, step
+    from psd_jax import config as config_lib, models, sharding
+    from psd_jax.training import batch as batch_lib, step
 
     size, patch, width, depth, heads = case['image']
     context, t_width, t_depth, t_heads = case['text']

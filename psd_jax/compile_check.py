@@ -145,7 +145,8 @@ def devices_for(topology: str | None, cpu_devices: int, per_core: bool = False
 
 def compile_for(config, devices, global_batch: int, dataset_size: int) -> dict:
     """Compile the config's train step at `global_batch` on `devices`; its numbers."""
-    from psd_jax import config as config_lib, flops, mfu, sharding, step
+    from psd_jax import config as config_lib, sharding
+    from psd_jax.training import flops, mfu, step
     config = config.copy_and_resolve_references()
     config.data.global_batch = global_batch
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)

@@ -13,7 +13,8 @@ import pathlib
 import jax
 import ml_collections
 
-from psd_jax import accumulate, guard, losses, schedules, sharding, step
+from psd_jax import losses, sharding
+from psd_jax.training import accumulate, guard, schedules, step
 from psd_jax.evaluation import run as evaluation
 from psd_jax.data import builders, datasets, pipeline
 from psd_jax.models import DTYPES, ModelSpec, build_model, preset
@@ -115,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps = 100
     config.train.log_every = 10
     # GradCache accumulation: k micro-batches' activations at a time, every negative of the
-    # global batch in the loss, the same gradient (psd_jax/accumulate.py)
+    # global batch in the loss, the same gradient (psd_jax/training/accumulate.py)
     config.train.micro_batches = 1
     config.train.checkpoint_every = 50
     config.train.keep_checkpoints = 3
@@ -128,11 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
     # a step with a non-finite loss or gradient norm, or whose update's norm exceeds
     # max_update_ratio times the parameters' norm (a run blowing up; 0: no such bound), is not
     # applied; 'skip': stop after nonfinite_limit such steps in a row, 'stop': at the first
-    # (psd_jax/guard.py)
+    # (psd_jax/training/guard.py)
     config.train.nonfinite = 'skip'
     config.train.nonfinite_limit = 10
     config.train.max_update_ratio = 1.0
-    # keys that define the run but may change on this resume, deliberately (psd_jax/resume.py);
+    # keys that define the run but may change on this resume, deliberately
+    # (psd_jax/persistence/resume_rules.py);
     # 'data' accepts a change of the training data itself
     config.train.resume_allow_changes = ()
 
@@ -152,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.metrics = C()
     config.metrics.tensorboard = True
     config.metrics.wandb_project = ''
-    # for MFU; 0: the device's peak from psd_jax/mfu.py's table (a matmul probe on CPUs)
+    # for MFU; 0: the device's peak from psd_jax/training/mfu.py's table (a matmul probe on CPUs)
     config.metrics.peak_flops_per_device = 0.0
     return config
 

@@ -43,7 +43,7 @@ def evaluate(config, workdir: str, step_number: int | None = None) -> dict[str, 
     """Restore a checkpoint of `workdir` and run the configured evaluators on it."""
     from psd_jax.data.from_config import make_tokenizer
     from psd_jax.evaluation.run import run_evaluators
-    from psd_jax.restore import restore_variables
+    from psd_jax.persistence.saved_run import restore_variables
 
     variables, at, setup, mesh = restore_variables(config, workdir, step_number)
     result = {'step': at, **run_evaluators(config, setup.model, variables, mesh,
@@ -59,7 +59,8 @@ def evaluate_pretrained(config, path: str, workdir: str | None = None) -> dict[s
     """Run the configured evaluators on pretrained weights (no training, no checkpoint)."""
     import jax
 
-    from psd_jax import config as config_lib, layout, pretrained, sharding
+    from psd_jax import config as config_lib, pretrained, sharding
+    from psd_jax.persistence import layout
     from psd_jax.data.from_config import make_tokenizer
     from psd_jax.evaluation.run import run_evaluators
 

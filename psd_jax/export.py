@@ -32,8 +32,9 @@ def export(config, workdir: str, out: str, step_number: int | None = None) -> st
     returns its path."""
     import jax
 
-    from psd_jax import config as config_lib, layout, pretrained
-    from psd_jax.restore import restore_variables
+    from psd_jax import config as config_lib, pretrained
+    from psd_jax.persistence import layout
+    from psd_jax.persistence.saved_run import restore_variables
 
     if config.loss.kind == 'sigmoid':
         raise ValueError("loss.kind='sigmoid': its logit bias has no place in open_clip's CLIP "
@@ -52,7 +53,7 @@ def main(argv) -> None:
     from psd_jax.cli import quiet_libraries
     quiet_libraries()
     try:
-        from psd_jax.restore import run_config
+        from psd_jax.persistence.saved_run import run_config
         config = run_config(FLAGS.workdir, FLAGS.config)
         print(export(config, FLAGS.workdir, FLAGS.out, FLAGS.step))
     except (ValueError, FileNotFoundError) as e:

@@ -58,10 +58,10 @@ def main(argv) -> None:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     cli.quiet_libraries()
     initialize_distributed()
-    from psd_jax import train  # after distributed initialisation
+    from psd_jax.training import train  # after distributed initialisation
 
-    from psd_jax.fallback import CheckpointUnavailable
-    from psd_jax.guard import TrainingDiverged
+    from psd_jax.persistence.fallback import CheckpointUnavailable
+    from psd_jax.training.guard import TrainingDiverged
 
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

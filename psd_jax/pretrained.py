@@ -109,7 +109,7 @@ def load(path: str | pathlib.Path, act: str | None = None,
     import jax
     from flax import linen as nn
 
-    from psd_jax import batch as batch_lib
+    from psd_jax.training import batch as batch_lib
     from psd_jax.models import build_model
 
     state_dict, cfg = read(path)
@@ -211,7 +211,7 @@ def into_state(state: Any, variables: Mapping[str, Any], shardings: Any,
     import jax
     import jax.numpy as jnp
 
-    from psd_jax import layout
+    from psd_jax.persistence import layout
 
     def place(merged, where):  # imported leaves onto their shardings; fresh ones stay
         return jax.tree.map(lambda x, s: jax.device_put(x, s) if isinstance(x, np.ndarray)

@@ -78,7 +78,7 @@ def data_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in data_axes(mesh))
 
 
-def batch_spec(mesh: Mesh) -> PartitionSpec:
+def batch_partition(mesh: Mesh) -> PartitionSpec:
     """PartitionSpec for arrays whose leading dimension is the batch."""
     axes = data_axes(mesh)
     return P(axes if axes else None)
@@ -97,7 +97,7 @@ def activation_rules(mesh: Mesh) -> Iterator[None]:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, batch_spec(mesh))
+    return NamedSharding(mesh, batch_partition(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -28,7 +28,7 @@ from psd_jax.data import fetch
 print(fetch.emoji_sources(), fetch.clip_vocab(), sep='\\n')""")
 code("""import importlib.util, json, pathlib, tempfile
 import jax
-from psd_jax import train
+from psd_jax.training import train
 
 spec = importlib.util.find_spec('psd_jax')
 root = pathlib.Path(spec.origin).resolve().parents[1]
@@ -47,7 +47,7 @@ final = train.train_and_evaluate(config, str(workdir))
 print(json.dumps({k: round(v, 4) for k, v in final.items() if k.startswith('eval/')}, indent=1))""")
 md("## Training curves")
 code("""import matplotlib.pyplot as plt
-from psd_jax.metrics import read_metrics
+from psd_jax.training.metrics import read_metrics
 records = [r for r in read_metrics(workdir / 'metrics.jsonl') if 'loss' in r]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3))
 for key in ('loss', 'clip', 'distill'):
@@ -57,7 +57,9 @@ axes[1].plot([r['step'] for r in records], [r['alpha'] for r in records]); axes[
 plt.show()""")
 md("## What the model retrieves for held-out emoji")
 code("""import numpy as np
-from psd_jax import checkpointing, config as config_lib, sharding, step
+from psd_jax import config as config_lib, sharding
+from psd_jax.persistence import checkpointing
+from psd_jax.training import step
 from psd_jax.data import transforms
 from psd_jax.data.from_config import eval_loader, make_tokenizer, open_split
 from psd_jax.evaluation.embed import embed_batches

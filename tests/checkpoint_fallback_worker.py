@@ -26,7 +26,9 @@ def main(port: str, process_id: int, root: str) -> None:
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
     import importlib.util
 
-    from psd_jax import config as config_lib, fallback, sharding, step
+    from psd_jax import config as config_lib, sharding
+    from psd_jax.persistence import fallback
+    from psd_jax.training import step
 
     spec = importlib.util.spec_from_file_location('tiny_test', ROOT / 'configs' / 'tiny_test.py')
     module = importlib.util.module_from_spec(spec)
@@ -48,7 +50,8 @@ def run_scenario(scenario: str, workdir: pathlib.Path, setup, state) -> dict:
     import jax
     from jax.experimental import multihost_utils
 
-    from psd_jax import checkpointing, fallback, step
+    from psd_jax.persistence import checkpointing, fallback
+    from psd_jax.training import step
     me = jax.process_index()
     ckpt = checkpointing.Checkpointer(workdir, asynchronous=False)
     for number in (1, 2):

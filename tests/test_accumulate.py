@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from psd_jax import losses, sharding, step
+from psd_jax import losses, sharding
+from psd_jax.training import step
 from test_step import B, LR, TINY_RESNET, bulk_within, first_gradients_match, make_setup, run
 
 CASES = {

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from psd_jax import batch as batch_lib
-from psd_jax import config as config_lib, losses, sharding, step
+from psd_jax.training import batch as batch_lib
+from psd_jax import config as config_lib, losses, sharding
+from psd_jax.training import step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / 'configs').rglob('*.py'))

@@ -1,4 +1,4 @@
-"""Model FLOPs (psd_jax/flops.py) against a hand count of each matmul, against XLA's cost
+"""Model FLOPs (psd_jax/training/flops.py) against a hand count of each matmul, against XLA's cost
 analysis on CPU, and the MFU / HFU peaks by compute dtype (TF32 for float32 on NVIDIA GPUs)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from psd_jax import config as config_lib, flops, mfu
+from psd_jax import config as config_lib
+from psd_jax.training import flops, mfu
 from psd_jax.models import ModelSpec, build_model
 
 VIT = ModelSpec(embed_dim=64, image_size=64, vocab_size=1000, context_length=24,

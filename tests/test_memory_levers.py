@@ -1,7 +1,7 @@
 """model.remat and model.scan_layers change memory and compile time, not values: the same
 loss and parameter gradients as the plain towers (a ViT and the text transformer, fresh
 inputs; a ResNet's rematerialised blocks in training mode, BatchNorm statistics included);
-the scanned layout converts both ways (psd_jax/layout.py); a wrong policy is named.
+the scanned layout converts both ways (psd_jax/persistence/layout.py); a wrong policy is named.
 
 Tolerance: the plain and lever models are compiled separately, so XLA may fuse and order the
 float32 arithmetic differently: gradients within 1e-5 of the largest gradient element, loss
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from psd_jax import config as config_lib
-from psd_jax import layout, sharding
+from psd_jax import sharding
+from psd_jax.persistence import layout
 from psd_jax.models import build_model, preset
 
 SPEC = preset('tiny', image=dict(kind='vit', patch_size=8, width=32, depth=3, heads=2))

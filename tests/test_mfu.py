@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from psd_jax import config as config_lib
-from psd_jax import mfu
+from psd_jax.training import mfu
 
 
 def test_peaks_by_device_kind_and_dtype():

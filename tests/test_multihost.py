@@ -84,7 +84,9 @@ def test_two_hosts_train_what_one_host_trains(tmp_path, devices):
     import jax
     import numpy as np
 
-    from psd_jax import checkpointing, config as config_lib, sharding, step
+    from psd_jax import config as config_lib, sharding
+    from psd_jax.persistence import checkpointing
+    from psd_jax.training import step
 
     multi = launch(tmp_path / 'multi', 3, *SAME_DATA, evaluators='--config.eval.evaluators=()')
     assert multi.returncode == 0, multi.stderr[-4000:]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psd_jax import accumulate
+from psd_jax.training import accumulate
 from psd_jax.models import build_model
 from psd_jax.models.vit import VisionTransformer
 

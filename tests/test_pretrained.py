@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from psd_jax import config as config_lib, pretrained, step, sharding
+from psd_jax import config as config_lib, pretrained, sharding
+from psd_jax.training import step
 from psd_jax.data import fetch
 from psd_jax.data.tokenizers import ClipTokenizer
 from psd_jax.models import build_model, convert
-from psd_jax.restore import run_config
+from psd_jax.persistence.saved_run import run_config
 from test_train import CONFIG, FAST, env, pytestmark as needs_emoji, restored_params
 
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'open_clip'

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from psd_jax import config as config_lib, resume, workdir
+from psd_jax import config as config_lib
+from psd_jax.persistence import resume_rules, workdir
 from psd_jax.evaluation.retrieval import retrieval_metrics
 from psd_jax.evaluation.zero_shot import zero_shot_metrics
 
@@ -35,10 +36,10 @@ def saved_and_new(**changes):
     ('data.path', '/elsewhere'), ('optim.lr', 0.5), ('data.caption_noise', 0.2)])
 def test_a_change_that_defines_the_run_is_refused_by_name(key, value):
     saved, new = saved_and_new(**{key: value})
-    old = resume.flatten(saved)[key]
+    old = resume_rules.flatten(saved)[key]
     with pytest.raises(ValueError, match=rf'config\.{key}: {old!r} -> {value!r}'.replace(
             '(', r'\(').replace(')', r'\)')) as error:
-        resume.check_resume(saved, new, 10, '/w/checkpoints')
+        resume_rules.check_resume(saved, new, 10, '/w/checkpoints')
     assert 'resume_allow_changes' in str(error.value) and 'new --workdir' in str(error.value)
 
 
@@ -46,7 +47,7 @@ def test_watching_keys_and_more_steps_may_change_and_are_reported():
     saved, new = saved_and_new(**{'train.steps': 500, 'train.log_every': 5,
                                   'eval.evaluators': ('retrieval', 'zero_shot'),
                                   'mesh.fsdp': 2, 'train.checkpoint_every': 7})
-    changed = resume.check_resume(saved, new, 10, '/w')
+    changed = resume_rules.check_resume(saved, new, 10, '/w')
     assert changed == {'train.steps': (100, 500), 'train.log_every': (10, 5),
                        'eval.evaluators': (['retrieval'], ['retrieval', 'zero_shot']),
                        'mesh.fsdp': (1, 2), 'train.checkpoint_every': (50, 7)}
@@ -55,12 +56,12 @@ def test_watching_keys_and_more_steps_may_change_and_are_reported():
 def test_a_deliberate_change_passes_when_named():
     saved, new = saved_and_new(**{'optim.lr': 1e-4,
                                   'train.resume_allow_changes': ('optim.lr',)})
-    assert resume.check_resume(saved, new, 10, '/w')['optim.lr'] == (1e-3, 1e-4)
+    assert resume_rules.check_resume(saved, new, 10, '/w')['optim.lr'] == (1e-3, 1e-4)
 
 
 def test_keys_added_since_a_checkpoint_pass_at_the_value_that_keeps_its_behaviour():
     saved, new = saved_and_new()
-    for key in resume.ADDED_KEYS:  # a checkpoint written before these keys existed
+    for key in resume_rules.ADDED_KEYS:  # a checkpoint written before these keys existed
         section, *rest = key.split('.')
         node = saved[section]
         for part in rest[:-1]:
@@ -69,21 +70,21 @@ def test_keys_added_since_a_checkpoint_pass_at_the_value_that_keeps_its_behaviou
         node = new[section]  # the new run asks for the behaviour the old one had
         for part in rest[:-1]:
             node = node[part]
-        node[rest[-1]] = resume.ADDED_KEYS[key]
-    assert resume.check_resume(saved, new, 4, '/w') == {}
+        node[rest[-1]] = resume_rules.ADDED_KEYS[key]
+    assert resume_rules.check_resume(saved, new, 4, '/w') == {}
     new['loss']['psd']['soft_weight'] = 'off_diagonal'  # today's default, not the old run's
     with pytest.raises(ValueError, match=r"soft_weight: '<absent>' -> 'off_diagonal'"):
-        resume.check_resume(saved, new, 4, '/w')
+        resume_rules.check_resume(saved, new, 4, '/w')
     new['loss']['psd']['soft_weight'] = 'constant'
     new['model']['act'] = 'gelu'
     with pytest.raises(ValueError, match=r"config.model.act: '<absent>' -> 'gelu'"):
-        resume.check_resume(saved, new, 4, '/w')
+        resume_rules.check_resume(saved, new, 4, '/w')
 
 
 def test_fewer_steps_than_the_checkpoint_is_refused():
     saved, new = saved_and_new(**{'train.steps': 30})
     with pytest.raises(ValueError, match=r'train.steps=30 is below .* \(40\)'):
-        resume.check_resume(saved, new, 40, '/w')
+        resume_rules.check_resume(saved, new, 40, '/w')
 
 
 def test_a_second_run_is_refused_and_a_stale_lock_taken_over(tmp_path):
@@ -186,7 +187,8 @@ def test_a_non_finite_step_is_not_applied_and_is_counted(devices, kind):
     for bit, and advances only the step counter and the skip counters."""
     import jax
 
-    from psd_jax import batch as batch_lib, sharding, step
+    from psd_jax import sharding
+    from psd_jax.training import batch as batch_lib, step
 
     config = config_lib.base_config()
     config.loss.kind, config.data.global_batch = kind, 8
@@ -220,7 +222,8 @@ def test_an_update_larger_than_the_parameters_is_not_applied(devices):
     default bound, and applied when the bound is switched off (train.max_update_ratio=0)."""
     import jax
 
-    from psd_jax import batch as batch_lib, sharding, step
+    from psd_jax import sharding
+    from psd_jax.training import batch as batch_lib, step
 
     config = config_lib.base_config()
     config.loss.kind, config.data.global_batch = 'clip', 8

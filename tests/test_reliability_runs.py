@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from psd_jax import metrics
+from psd_jax.training import metrics
 from test_train import command, env, finished, pytestmark, run, wait_for  # noqa: F401
 from test_train import restored_params
 
@@ -210,7 +210,7 @@ def test_damaged_metrics_lines_are_skipped_and_a_resume_logs_each_step_once(tmp_
 
 
 def test_older_checkpoints_are_deleted_only_once_the_newest_reads_back(tmp_path, finished_run):
-    from psd_jax import checkpointing
+    from psd_jax.persistence import checkpointing
 
     workdir = tmp_path / 'run'
     shutil.copytree(finished_run, workdir)

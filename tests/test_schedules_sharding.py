@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from psd_jax import schedules, sharding, step
+from psd_jax import sharding
+from psd_jax.training import schedules, step
 from psd_jax.models import build_model
 
 

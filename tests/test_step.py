@@ -30,8 +30,9 @@ import numpy as np
 import optax
 import pytest
 
-from psd_jax import batch as batch_lib
-from psd_jax import losses, schedules, sharding, step
+from psd_jax.training import batch as batch_lib
+from psd_jax import losses, sharding
+from psd_jax.training import schedules, step
 from psd_jax.models import build_model, preset
 
 B = 16

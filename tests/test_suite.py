@@ -47,7 +47,7 @@ def model_state():
     config = tiny_config()
     mesh = sharding.make_mesh(config.mesh.to_dict())
     setup = config_lib.step_setup(config, mesh)
-    from psd_jax import batch as batch_lib
+    from psd_jax.training import batch as batch_lib
     inputs = batch_lib.input_spec(setup.model, 1)
     variables = setup.model.init(jax.random.key(1),
                                  *(jax.numpy.zeros(inputs[k].shape, inputs[k].dtype)

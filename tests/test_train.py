@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import with_compile_cache
-from psd_jax import checkpointing, config as config_lib, layout, sharding
+from psd_jax import config as config_lib, sharding
+from psd_jax.persistence import checkpointing, layout
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / 'configs' / 'tiny_test.py')

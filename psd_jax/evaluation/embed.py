@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from psd_jax import batch as batch_lib
+from psd_jax.training import batch as batch_lib
 from psd_jax import sharding as shd
 
 
@@ -66,7 +66,7 @@ def embed_batches(model, variables: Any, batches: Iterable[dict], mesh, batch_si
     """{'image': (N, D), 'text': (N, D), ...} over all hosts' examples.
 
     batches: this host's batches of up to `batch_size` examples ('image' and 'text' as
-    psd_jax/batch.py defines them, either may be absent; other numeric keys come along;
+    psd_jax/training/batch.py defines them, either may be absent; other numeric keys come along;
     string keys such as 'caption' come back as '<key>_id' int64 ids). num_batches: the batch
     count every host runs (required with several hosts, whose shards may differ by a batch).
     """

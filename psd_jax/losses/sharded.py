@@ -162,7 +162,7 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
                  axes, batch_size, with_teacher, same_pass, remove_diagonal, inv_temperature,
                  n, tile, precision, off_diagonal=False):
     """Body run on each device: local (b, D) embeddings, replicated scalars and (B,) masks.
-    tile 0: the all_gather slabs; else the ring over the n data shards with b x tile tiles.
+    tile None: the all_gather slabs; else the ring over the n data shards with b x tile tiles.
     off_diagonal: each subset row's teacher share is a times the teacher's mass off its pair."""
     b = image.shape[0]
     offset = _shard_offset(axes, b)
@@ -178,7 +178,7 @@ def _contrastive(image, text, scale, subset, alpha, t_image, t_text, t_scale, t_
     static = dict(same_pass=same_pass, remove_diagonal=remove_diagonal,
                   inv_temperature=inv_temperature, precision=precision)
     weight_r = weight_c = weight
-    if tile:  # ring: the other modality's local block circulates, teachers' included
+    if tile is not None:  # ring: the other modality's local block circulates, teachers' included
         if with_teacher and off_diagonal:
             share = functools.partial(ring.teacher_positive_probs, axes, n, tile, same_pass,
                                       remove_diagonal, inv_temperature, precision)
@@ -239,7 +239,7 @@ def psd_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh:
     with_teacher = subset is not None
     same_pass = teacher is None
     axes = shd.data_axes(mesh)
-    rows = shd.batch_spec(mesh)
+    rows = shd.batch_partition(mesh)
     zero = jnp.zeros((), jnp.float32)
     if subset is None:
         subset = jnp.zeros((batch_size,), bool)
@@ -281,9 +281,10 @@ def _check_psd_args(image, text, mesh, subset, teacher) -> None:
                 raise ValueError(f'{name} has shape {x.shape}, expected {image.shape}')
 
 
-def _ring_tile(impl: str, tile: int, per_device: int) -> int:
-    """0 for the all_gather implementation, else the ring's tile width (checked)."""
-    return ring.check_tile(tile, per_device) if impl == 'ring' else 0
+def _ring_tile(impl: str, tile: int, per_device: int) -> int | None:
+    """The ring's tile width (loss.tile checked; its 0 means the whole per-device block), or
+    None for the all_gather implementation, which has no tiles."""
+    return ring.check_tile(tile, per_device) if impl == 'ring' else None
 
 
 def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh: Mesh,
@@ -296,7 +297,7 @@ def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, *, mesh
 def _sigmoid(image, text, scale, bias, *, axes, n, tile, precision):
     b = image.shape[0]
     positives = _shard_offset(axes, b) + jnp.arange(b)
-    if tile:
+    if tile is not None:  # ring
         t = logit_scale_value(scale)
         if axes:  # every device's tiles use them: their gradients are summed over devices
             t, bias = (jax.lax.pcast(x, axes, to='varying') for x in (t, bias))
@@ -321,7 +322,7 @@ def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
     _check_embeddings(image, text, mesh)
     impl, tile, precision = config.impl, config.tile, config.precision
     axes = shd.data_axes(mesh)
-    rows = shd.batch_spec(mesh)
+    rows = shd.batch_partition(mesh)
     n = shd.data_size(mesh)
     ring_tile = _ring_tile(impl, tile, image.shape[0] // n)
     loss = jax.shard_map(lambda *a: _sigmoid(*a, axes=axes, n=n, tile=ring_tile,

@@ -71,7 +71,8 @@ def build_model(spec: ModelSpec | str, dtype: str = 'float32', sigmoid: bool = F
     `sigmoid`: SigLIP's initial scale (t = 10) and a logit bias (-10), else CLIP's t = 1/0.07.
     `remat` (none | minimal | full) applies to every transformer stack and to the bottleneck
     blocks of a ResNet, `scan_layers` to the transformer stacks: memory levers that leave the
-    values alone; `scan_layers` stacks the block parameters (psd_jax/layout.py converts)."""
+    values alone; `scan_layers` stacks the block parameters
+    (psd_jax/persistence/layout.py converts)."""
     if isinstance(spec, str):
         spec = preset(spec)
     if dtype not in DTYPES:

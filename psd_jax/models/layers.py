@@ -175,7 +175,7 @@ class Transformer(nn.Module):
 
     x: (batch, tokens, width) -> (batch, tokens, width). Parameters live under `block{i}`, or,
     with `scan_layers`, once under `blocks` with a leading (depth,) axis (one block compiled
-    and looped: compile time independent of depth; psd_jax/layout.py converts).
+    and looped: compile time independent of depth; psd_jax/persistence/layout.py converts).
     `remat` names a REMAT_POLICIES entry; it changes memory and compute, never the values.
     """
     depth: int

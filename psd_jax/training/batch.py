@@ -56,7 +56,7 @@ def check(batch: Mapping, spec: Mapping[str, jax.ShapeDtypeStruct], what: str = 
     extra = sorted(set(batch) - set(spec))
     if missing or extra:
         raise ValueError(f'{what}: keys {sorted(batch)} do not match {sorted(spec)} '
-                         f'(missing {missing}, unexpected {extra}); see psd_jax/batch.py')
+                         f'(missing {missing}, unexpected {extra}); see psd_jax/training/batch.py')
     for key, want in spec.items():
         shape = tuple(want.shape) if rows is None else (rows,) + tuple(want.shape[1:])
         got = batch[key]

@@ -1,5 +1,5 @@
-"""A run from start to end: mesh -> data -> state (fresh, or resumed after the checks) ->
-compiled step -> the step loop (psd_jax/loop.py: metrics, checkpoints, evaluations, the guard)
+"""A run from start to end: mesh -> data -> state (fresh, or resumed after the checks) -> compiled
+step -> the step loop (psd_jax/training/loop.py: metrics, checkpoints, evaluations, the guard)
 -> final checkpoint and evaluation. `train_and_evaluate` reads as that sequence; each part is a
 named function below it. SIGTERM at any phase ends in Preempted, whose message says what was
 saved."""
@@ -14,14 +14,17 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from psd_jax import checkpointing, config as config_lib, layout, metrics, resume, sharding
-from psd_jax import mfu as mfu_lib, pretrained
-from psd_jax import step
-from psd_jax import workdir as workdir_lib
+from psd_jax import config as config_lib, sharding
+from psd_jax.persistence import checkpointing, layout, resume_rules
+from psd_jax.training import metrics
+from psd_jax import pretrained
+from psd_jax.training import mfu as mfu_lib
+from psd_jax.training import step
+from psd_jax.persistence import workdir as workdir_lib
 from psd_jax.data import datasets
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
 from psd_jax.evaluation import run as evaluation
-from psd_jax.loop import PREEMPTED_EXIT_CODE, Loop, Preempted  # noqa: F401 -- main's names
+from psd_jax.training.loop import PREEMPTED_EXIT_CODE, Loop, Preempted  # noqa: F401 -- main's names
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -153,7 +156,8 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
     at step 0; then the config is recorded (config.json, config_history.jsonl).
 
     Before a checkpoint's state is read, its config is compared with this one
-    (psd_jax/resume.py): a change to a key that defines the run is refused by name, and
+    (psd_jax/persistence/resume_rules.py): a change to a key that defines the run is refused
+    by name, and
     nothing is written; so is a change of the training data (its identity, saved with each
     checkpoint) unless train.resume_allow_changes lists 'data'. A checkpoint written by another
     number of hosts holds per-host data positions for another split of the batches, and one of
@@ -162,8 +166,8 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
     changed: dict = {}
 
     def check(saved: dict, saved_data: dict | None, at: int) -> bool:
-        changed.update(resume.check_resume(saved, config_dict, at, str(ckpt.directory)))
-        data_change = resume.check_data(saved_data, ckpt.dataset, at, config_dict)
+        changed.update(resume_rules.check_resume(saved, config_dict, at, str(ckpt.directory)))
+        data_change = resume_rules.check_data(saved_data, ckpt.dataset, at, config_dict)
         if data_change:
             changed['data'] = (saved_data, ckpt.dataset)
             logging.warning('the training data changed since step %d: %s; accepted '

@@ -22,10 +22,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from psd_jax.checkpointing import CorruptCheckpoint
+from psd_jax.persistence.checkpointing import CorruptCheckpoint
 
 if TYPE_CHECKING:
-    from psd_jax.checkpointing import Checkpointer
+    from psd_jax.persistence.checkpointing import Checkpointer
 
 
 class CheckpointUnavailable(OSError):

@@ -18,7 +18,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from psd_jax.workdir import append_line
+from psd_jax.persistence.workdir import append_line
 
 
 CONSOLE_KEYS = ('loss', 'clip', 'distill', 'alpha', 'images_per_s')

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from psd_jax.step import TrainState
+from psd_jax.training.step import TrainState
 
 
 def _to_saveable(state: TrainState) -> TrainState:
@@ -181,8 +181,8 @@ class Checkpointer:
                                 fresh_iterator: Callable[[], Any],
                                 check: Callable[[dict, dict | None, int], bool | None]
                                 ) -> tuple[TrainState, int, Any, dict]:
-        """The newest checkpoint that restores on every host (psd_jax/fallback.py)."""
-        from psd_jax import fallback
+        """The newest checkpoint that restores on every host (psd_jax/persistence/fallback.py)."""
+        from psd_jax.persistence import fallback
         return fallback.newest_readable(self, abstract_for, fresh_iterator, check)
 
     def restore_dataset(self, step: int) -> dict | None:

@@ -1,9 +1,9 @@
 """Model FLOPs utilisation (MFU) and hardware FLOPs utilisation (HFU).
 
-`mfu`: the architecture's FLOPs per step (psd_jax/flops.py: forward + backward of both towers
-and the similarity matrix, plus a teacher's forward) per device, over the step time and the
-device's peak for the compute dtype, the figure papers and maxtext report. `hfu`: XLA's count
-of what the compiled program does (remat's recomputation included; a scanned stack's body
+`mfu`: the architecture's FLOPs per step (psd_jax/training/flops.py: forward + backward of both
+towers and the similarity matrix, plus a teacher's forward) per device, over the step time and
+the device's peak for the compute dtype, the figure papers and maxtext report. `hfu`: XLA's
+count of what the compiled program does (remat's recomputation included; a scanned stack's body
 counted once), over the same.
 
 The peak comes from `metrics.peak_flops_per_device` when set, else from the table below by

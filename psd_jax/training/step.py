@@ -4,7 +4,7 @@
 `compile_train_step` jits it once with explicit in/out shardings and the state donated.
 `batch_spec(setup, global_batch)` is the batch a step takes: 'image' and 'text' always,
 'teacher_image' for the second-pass / EMA teachers, 'index' for the bank / previous-step
-teachers (psd_jax/batch.py has the shapes and dtypes; docs/design.md the why).
+teachers (psd_jax/training/batch.py has the shapes and dtypes; docs/design.md the why).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from psd_jax import batch as batch_lib
-from psd_jax import accumulate, guard, losses
+from psd_jax.training import batch as batch_lib
+from psd_jax import losses
+from psd_jax.training import accumulate, guard
 from psd_jax import sharding as shd
 from psd_jax.models.clip import clip_logit_scale, logit_scale_value
 
@@ -36,7 +37,7 @@ class TrainState(struct.PyTreeNode):
     carry is None unless the teacher is 'previous_step', else {'image': (k, D), 'text': (k, D),
     'index': (k,) int32 (-1 before the first step), 'logit_scale': ()}: the last step's
     embeddings of the k pairs the next batch repeats. health: the non-finite guard's counters
-    (psd_jax/guard.py)."""
+    (psd_jax/training/guard.py)."""
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -59,7 +60,8 @@ class StepSetup:
     mesh: Mesh
     bank_size: int = 0  # dataset size N, for the embedding-bank teacher
     carried: int = 0  # pairs per global batch repeated from the previous (previous-step teacher)
-    micro_batches: int = 1  # GradCache accumulation over k micro-batches (psd_jax/accumulate.py)
+    # GradCache accumulation over k micro-batches (psd_jax/training/accumulate.py)
+    micro_batches: int = 1
     max_update_ratio: float = 1.0  # a larger update-to-parameter norm ratio is skipped (guard)
 
     def __post_init__(self):

@@ -27,7 +27,8 @@ MAY_CHANGE = (
     'train.micro_batches', 'model.remat', 'model.attention',  # the same values, computed
     # with other memory or kernels
     'data.read_threads', 'data.read_ahead',  # how records are read, not which
-    'model.scan_layers',  # the checkpoint's layout is converted on restore (psd_jax/layout.py)
+    # the checkpoint's layout is converted on restore (psd_jax/persistence/layout.py)
+    'model.scan_layers',
 )
 
 # Keys added to the config since runs were made: a checkpoint whose config lacks one ran with the

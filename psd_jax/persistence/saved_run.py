@@ -3,7 +3,8 @@ exporter."""
 
 from __future__ import annotations
 
-from psd_jax import checkpointing, config as config_lib, layout, sharding
+from psd_jax import config as config_lib, sharding
+from psd_jax.persistence import checkpointing, layout
 
 
 def restore_variables(config, workdir: str, step_number: int | None = None):
@@ -30,13 +31,14 @@ def restore_variables(config, workdir: str, step_number: int | None = None):
 def run_config(workdir: str, given=None):
     """The run's config from <workdir>/config.json; `given` (a config from the command line)
     must agree with it on every key that defines what is exported: the model (but for how it
-    is computed or where it started: psd_jax/resume.py's MAY_CHANGE, model.init_from) and
-    loss.kind."""
+    is computed or where it started: psd_jax/persistence/resume_rules.py's MAY_CHANGE,
+    model.init_from) and loss.kind."""
     import json
 
     from etils import epath
 
-    from psd_jax import config as config_lib, resume
+    from psd_jax import config as config_lib
+    from psd_jax.persistence import resume_rules
 
     path = epath.Path(workdir) / 'config.json'
     if not path.exists():
@@ -45,10 +47,10 @@ def run_config(workdir: str, given=None):
     saved = json.loads(path.read_text())
     config = config_lib.from_saved(saved)
     if given is not None:
-        ours, theirs = resume.flatten(given.to_dict()), resume.flatten(saved)
+        ours, theirs = resume_rules.flatten(given.to_dict()), resume_rules.flatten(saved)
         for key in sorted(set(ours) | set(theirs)):
             defines = (key.startswith('model.') and key != 'model.init_from'
-                       and not resume.may_change(key)) or key == 'loss.kind'
+                       and not resume_rules.may_change(key)) or key == 'loss.kind'
             if not defines or ours.get(key) == theirs.get(key):
                 continue
             raise ValueError(f'--config differs from the run\'s {path} at {key}: '

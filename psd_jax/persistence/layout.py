@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from psd_jax import step
+from psd_jax.training import step
 
 
 def _is_block(key: str) -> bool:
