@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -39,5 +40,5 @@ def machine() -> str:
 def record(program: str) -> dict:
     """{'command', 'commit', 'date', 'machine'} of this process: `program` followed by its
     arguments. Every results JSON starts with it (tests/test_results.py checks)."""
-    return {'command': ' '.join([program, *sys.argv[1:]]), 'commit': commit(),
+    return {'command': ' '.join([program, shlex.join(sys.argv[1:])]).strip(), 'commit': commit(),
             'date': time.strftime('%Y-%m-%d'), 'machine': machine()}
