@@ -294,7 +294,10 @@ def test_bank_teacher_distils_from_each_pairs_last_visit(devices, seed):
     assert m2['subset_size'] == np.sum(subset & seen) > 0
     np.testing.assert_allclose(m2['loss'], want, rtol=1e-5)
     np.testing.assert_allclose(m2['distill'], parts['distill'], rtol=1e-5)
-    assert m2['loss'] != pytest.approx(m2['clip'], rel=1e-4)  # the teacher changed the loss
+    # the teacher changed the loss: near initialisation the one-hot and the teacher's targets
+    # both have cross-entropies near ln B, so the change is small (7e-5 relative seen), but far
+    # above float32 rounding (1e-7)
+    assert abs(float(m2['loss']) - float(m2['clip'])) > 2e-6 * abs(float(m2['clip']))
     np.testing.assert_array_equal(jax.device_get(state.bank['seen']),
                                   np.arange(n_pairs) < B + B // 2)
 
@@ -341,7 +344,10 @@ def test_previous_step_teacher_distils_among_the_repeated_pairs(devices, seed):
     assert m2['subset_size'] == k
     np.testing.assert_allclose(m2['loss'], want, rtol=1e-5)
     np.testing.assert_allclose(m2['distill'], parts['distill'], rtol=1e-5)
-    assert m2['loss'] != pytest.approx(m2['clip'], rel=1e-4)  # the teacher changed the loss
+    # the teacher changed the loss: near initialisation the one-hot and the teacher's targets
+    # both have cross-entropies near ln B, so the change is small (7e-5 relative seen), but far
+    # above float32 rounding (1e-7)
+    assert abs(float(m2['loss']) - float(m2['clip'])) > 2e-6 * abs(float(m2['clip']))
 
     state, m3 = fn(state, put(third, mesh))
     m3 = jax.device_get(m3)
