@@ -57,8 +57,8 @@ def prepare(config_path: str, mesh, variant: dict) -> dict:
     spec = step.batch_spec(setup, config.data.global_batch)
     batch = batch_lib.synthetic(spec, np.random.default_rng(0), config.model.vocab_size,
                                 dataset_size=BANK_SIZE)
-    if setup.carried:  # the batch repeats its own slots [k, 2k): the teacher is active
-        k = setup.carried
+    if setup.repeated_pairs:  # the batch repeats its own slots [k, 2k): the teacher is active
+        k = setup.repeated_pairs
         batch['index'][:k] = batch['index'][k:2 * k]
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     fn = step.compile_train_step(setup, shardings, spec)

@@ -232,6 +232,24 @@ def flops(root: pathlib.Path) -> str:
         source(name, r)])
 
 
+
+def layers_tpu(root: pathlib.Path) -> str:
+    """docs/performance.md: a TPU step's memory with the model's own layers and with each
+    swapped for flax's."""
+    name = 'benchmarks/results/layers_tpu.json'
+    result = load(root, name)
+    base = result['rows'][0]
+    rows = [[r['variant'], f'{r["total_gib"]:.2f}', f'{r["temp_gib"]:.2f}',
+             f'{r["total_gib"] - base["total_gib"]:+.2f}',
+             f'{r["flops_per_device"] / 1e12:.2f}', f'{r["compile_s"]:.0f}']
+            for r in result['rows']]
+    return '\n'.join([
+        f'{base["config"]} on {base["topology"]}, global batch {base["global_batch"]:,}:', '',
+        table(['layers', 'GiB per device', 'of which temporaries', 'GiB against psd_jax\'s',
+               'XLA TFLOP per device', 'compile s'], 'lrrrrr', rows), '',
+        source(name, result)])
+
+
 PROTOCOL = 'docs/results/protocol.json'
 SETTINGS = {
     'psd_ema-offdiag_x2': '**teacher share weighted by its off-diagonal mass (`soft_weight = '
@@ -282,6 +300,7 @@ TABLES = {'demo': demo, 'suite': suite, 'step_time': step_time, 'loss_memory': l
           'fit_own': fit_own, 'fit_levers': fit_levers, 'vs_open_clip': vs_open_clip,
           'profile': profile, 'input_pipeline': input_pipeline,
           'prepare_throughput': prepare_throughput, 'flops': flops,
+          'layers_tpu': layers_tpu,
           'protocol_ranking': protocol_ranking, 'protocol_default': protocol_default,
           'step_time_patch_dropout': lambda root: step_time(
               root, 'benchmarks/results/step_time_patch_dropout.json', patch_dropout=True)}

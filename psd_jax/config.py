@@ -351,6 +351,6 @@ def step_setup(config: ml_collections.ConfigDict, mesh, dataset_size: int = 0) -
     alpha = schedules.alpha_schedule(config.loss.alpha_schedule, config.loss.alpha_max,
                                      config.train.steps, config.loss.alpha_start_step)
     return step.StepSetup(model, tx, loss, alpha, lr, mesh, dataset_size,
-                          carried=loss.carried_pairs(config.data.global_batch),
+                          repeated_pairs=loss.repeated_pairs(config.data.global_batch),
                           micro_batches=config.train.micro_batches,
                           max_update_ratio=config.train.max_update_ratio)

@@ -303,12 +303,14 @@ def test_fetch_without_npm_names_the_command(tmp_path, monkeypatch):
         fetch.openmoji_sources(tmp_path)
 
 
-def test_carried_slots_repeat_the_previous_batch(seed):
-    """carried=k (previous-step teacher): the first k slots of batch s > 0 hold the records of
-    slots [k, 2k) of batch s - 1 with a fresh augmentation RNG; the other slots walk one seeded
-    order (every record once per epoch), and the batches are the same for any host count."""
+def test_repeated_slots_repeat_the_previous_batch(seed):
+    """repeated_pairs=k (previous-step teacher): the first k slots of batch s > 0 hold the
+    records of slots [k, 2k) of batch s - 1 with a fresh augmentation RNG; the other slots walk
+    one seeded order (every record once per epoch), and the batches are the same for any host
+    count. The sampler's text, which grain stores in checkpoints and compares on resume, keeps
+    the name earlier versions wrote (`carried=`), so their checkpoints still resume."""
     n, batch, k = 50, 12, 4
-    one = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, carried=k)
+    one = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, repeated_pairs=k)
     steps = 30
     keys = np.array([[one[s * batch + i].record_key for i in range(batch)] for s in range(steps)])
     draws = np.array([[one[s * batch + i].rng.integers(2**62) for i in range(batch)]
@@ -317,17 +319,19 @@ def test_carried_slots_repeat_the_previous_batch(seed):
     assert not np.any(draws[1:, :k] == draws[:-1, k:2 * k])  # a new crop for the repeat
     stream = np.concatenate([keys[0]] + [row[k:] for row in keys[1:]])
     assert sorted(stream[:n]) == list(range(n)) == sorted(stream[n:2 * n])
-    halves = [pipeline.GlobalBatchSampler(n, batch, seed, host=h, hosts=2, carried=k)
+    halves = [pipeline.GlobalBatchSampler(n, batch, seed, host=h, hosts=2, repeated_pairs=k)
               for h in range(2)]
     b = batch // 2
     for s in range(steps):
         assert [halves[h][s * b + i].record_key for h in range(2) for i in range(b)] == \
             keys[s].tolist()
-    resumed = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, carried=k,
+    resumed = pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, repeated_pairs=k,
                                           start_batch=7)
     assert [resumed[i].record_key for i in range(batch)] == keys[7].tolist()
     with pytest.raises(ValueError, match='half the global batch'):
-        pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, carried=7)
+        pipeline.GlobalBatchSampler(n, batch, seed, host=0, hosts=1, repeated_pairs=7)
+    assert repr(one).startswith(f'GlobalBatchSampler(global_batch={batch}, host=0, hosts=1, '
+                                f'start_batch=0, carried={k}, order=IndexSampler(')
 
 
 def test_subset_source_reads_only_the_chosen_records():

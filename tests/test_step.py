@@ -77,7 +77,7 @@ def make_setup(spec, loss, mesh):
                           step.make_optimizer(lr), loss,
                           schedules.alpha_schedule('constant', 0.5, 10), lr, mesh,
                           bank_size=N_PAIRS if loss.needs_bank else 0,
-                          carried=loss.carried_pairs(B))
+                          repeated_pairs=loss.repeated_pairs(B))
 
 
 def batches(setup, seed):
@@ -89,8 +89,8 @@ def batches(setup, seed):
     out = []
     for i in range(STEPS):
         batch = batch_lib.synthetic(spec, rng, dataset_size=N_PAIRS)
-        if setup.carried:
-            k = setup.carried
+        if setup.repeated_pairs:
+            k = setup.repeated_pairs
             batch['index'] = np.arange(100 * i, 100 * i + B, dtype=np.int32)
             if out:
                 batch['index'][:k] = out[-1]['index'][k:2 * k]
@@ -307,13 +307,13 @@ def test_previous_step_teacher_distils_among_the_repeated_pairs(devices, seed):
     [k, 2k) of the previous batch, and the previous step's embeddings (and scale) of them are
     the teacher among them. Step 1 has nothing carried (plain CLIP); step 2 equals psd_loss
     given that teacher explicitly (embeddings from an independent forward with step 1's
-    parameters); step 3's carried slots do not match the kept indices, so it is plain CLIP."""
+    parameters); step 3's repeated slots do not match the kept indices, so it is plain CLIP."""
     k = B // 4
     loss = losses.LossConfig(teacher='previous_step', subset_fraction=0.25,
                              teacher_temperature=1.0, soft_weight='constant')
     mesh = sharding.make_mesh({'data': 8}, devices)
     setup = make_setup('tiny', loss, mesh)
-    assert setup.carried == k
+    assert setup.repeated_pairs == k
     shardings = step.state_shardings(setup)
     state = step.init_state(setup, jax.random.key(5))
     first, second, third = batches(setup, seed)
@@ -357,6 +357,6 @@ def test_previous_step_teacher_distils_among_the_repeated_pairs(devices, seed):
     with pytest.raises(ValueError, match='fraction <= 0.5'):
         losses.LossConfig(teacher='previous_step', subset_fraction=0.75)
     with pytest.raises(ValueError, match='repeats 4'):
-        step.compile_train_step(dataclasses.replace(setup, carried=3), shardings, first)
+        step.compile_train_step(dataclasses.replace(setup, repeated_pairs=3), shardings, first)
     with pytest.raises(ValueError, match=r"missing \['index'\]"):
         step.compile_train_step(setup, shardings, {k: first[k] for k in ('image', 'text')})

@@ -66,11 +66,12 @@ def training_source(config: ml_collections.ConfigDict) -> Any:
 
 
 def training_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: Callable,
-                    batch_keys: Collection[str], carried: int = 0,
+                    batch_keys: Collection[str], repeated_pairs: int = 0,
                     start_batch: int = 0) -> Iterator[dict]:
     """This host's training batches from global batch `start_batch` on, with exactly
     `batch_keys` (from step.batch_spec): 'teacher_image' and 'index' only when the step takes
-    them. `carried`: pairs of each batch repeated from the previous (previous-step teacher)."""
+    them. `repeated_pairs`: pairs of each batch repeated from the previous (previous-step
+    teacher)."""
     if 'index' in batch_keys:
         source = pipeline.WithIndex(source)
     return iter(pipeline.make_loader(
@@ -79,8 +80,8 @@ def training_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: C
         seed=config.seed, worker_count=config.data.workers,
         keep=('index',) if 'index' in batch_keys else (),
         teacher_view='teacher_image' in batch_keys, crop_scale=tuple(config.data.crop_scale),
-        start_batch=start_batch, carried=carried, read_threads=config.data.read_threads,
-        read_ahead=config.data.read_ahead))
+        start_batch=start_batch, repeated_pairs=repeated_pairs,
+        read_threads=config.data.read_threads, read_ahead=config.data.read_ahead))
 
 
 def eval_loader(config: ml_collections.ConfigDict, source: Any, tokenizer: Callable,

@@ -204,16 +204,16 @@ class GlobalBatchSampler:
     of hosts: a run on 1 host and on 8 sees the same data in the same order. Shuffled anew every
     epoch (grain's IndexSampler over all records, no per-host shards).
 
-    carried > 0 (the previous-step teacher, psd.teacher='previous_step'): the first `carried`
-    slots of global batch s > 0 repeat slots [carried, 2 carried) of batch s - 1, so those pairs
-    are seen in two consecutive steps; the order then advances B - carried records per batch
-    (batch 0 reads B). Augmentations are keyed by the global slot, so a carried pair gets a
-    fresh crop. Needs carried <= B / 2.
+    repeated_pairs = k > 0 (the previous-step teacher, psd.teacher='previous_step'): the first
+    k slots of global batch s > 0 repeat slots [k, 2k) of batch s - 1, so those pairs are seen
+    in two consecutive steps; the order then advances B - k records per batch (batch 0 reads B).
+    Augmentations are keyed by the global slot, so a repeated pair gets a fresh crop. Needs
+    k <= B / 2.
     """
 
     def __init__(self, num_records: int, global_batch: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, host: int | None = None,
-                 hosts: int | None = None, start_batch: int = 0, carried: int = 0):
+                 hosts: int | None = None, start_batch: int = 0, repeated_pairs: int = 0):
         self.hosts = jax.process_count() if hosts is None else hosts
         self.host = jax.process_index() if host is None else host
         if global_batch % self.hosts:
@@ -223,10 +223,10 @@ class GlobalBatchSampler:
             raise ValueError(f'host {self.host} is not in [0, {self.hosts})')
         self.global_batch, self.host_batch = global_batch, global_batch // self.hosts
         self.start_batch = start_batch  # local index 0 is global batch `start_batch`
-        if not 0 <= 2 * carried <= global_batch:
-            raise ValueError(f'{carried} carried pairs per batch: need 0 <= carried <= half the '
-                             f'global batch ({global_batch})')
-        self.carried, self.seed = carried, seed
+        if not 0 <= 2 * repeated_pairs <= global_batch:
+            raise ValueError(f'repeated_pairs={repeated_pairs} per batch: need 0 <= '
+                             f'repeated_pairs <= half the global batch ({global_batch})')
+        self.repeated_pairs, self.seed = repeated_pairs, seed
         self.order = grain.IndexSampler(num_records=num_records, shard_options=grain.NoSharding(),
                                         shuffle=shuffle, num_epochs=num_epochs, seed=seed)
 
@@ -234,10 +234,10 @@ class GlobalBatchSampler:
         step, offset = divmod(index, self.host_batch)
         step += self.start_batch
         slot = self.host * self.host_batch + offset
-        if not self.carried:
+        if not self.repeated_pairs:
             record = self.order[step * self.global_batch + slot]
             return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
-        k, advance = self.carried, self.global_batch - self.carried
+        k, advance = self.repeated_pairs, self.global_batch - self.repeated_pairs
         position = step * advance + slot
         if step > 0 and slot < k:  # slot k + slot of the previous batch
             position = (step - 1) * advance + k + slot
@@ -245,10 +245,13 @@ class GlobalBatchSampler:
         return grain.RecordMetadata(index=index, record_key=self.order[position].record_key,
                                     rng=rng)
 
-    def __repr__(self) -> str:  # grain checks the sampler's repr when a state is restored
+    def __repr__(self) -> str:
+        # grain stores this text in a checkpoint's data state and refuses to restore into a
+        # sampler whose text differs, so it is a stored format: `carried=` is the name that
+        # checkpoints of earlier versions hold for repeated_pairs, kept so that they resume.
         return (f'GlobalBatchSampler(global_batch={self.global_batch}, host={self.host}, '
-                f'hosts={self.hosts}, start_batch={self.start_batch}, carried={self.carried}, '
-                f'order={self.order!r})')
+                f'hosts={self.hosts}, start_batch={self.start_batch}, '
+                f'carried={self.repeated_pairs}, order={self.order!r})')
 
 
 def per_host_batch(global_batch: int) -> int:
@@ -264,14 +267,14 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
                 worker_count: int = 0, keep: Sequence[str] = ('label',),
                 drop_remainder: bool = True, teacher_view: bool = False,
                 crop_scale: tuple[float, float] = (0.9, 1.0),
-                start_batch: int = 0, carried: int = 0, read_threads: int = 0,
+                start_batch: int = 0, repeated_pairs: int = 0, read_threads: int = 0,
                 read_ahead: int = 0) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`).
 
     Training: shuffled with `seed` (a new order every epoch), endless unless `num_epochs`; each
     host reads its slice of every global batch (`GlobalBatchSampler`: the same global batches
-    for any number of hosts), with `carried` pairs of each batch repeated from the previous one.
-    Evaluation (`train=False`): in order, one epoch, the records split
+    for any number of hosts), with `repeated_pairs` pairs of each batch repeated from the
+    previous one. Evaluation (`train=False`): in order, one epoch, the records split
     into one contiguous shard per host. Yields this host's batches. `read_threads` threads
     read up to `read_ahead` records ahead (0, 0: records are read as the pipeline needs them,
     the fastest for local data: a deep read-ahead costs the pipeline's thread time polling it).
@@ -282,7 +285,7 @@ def make_loader(source: Any, *, global_batch: int, image_size: int, tokenizer: C
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside an absl app
     if train:  # the sampler picks this host's records itself
         sampler = GlobalBatchSampler(len(source), global_batch, seed, num_epochs=num_epochs,
-                                     start_batch=start_batch, carried=carried)
+                                     start_batch=start_batch, repeated_pairs=repeated_pairs)
         shard_options = grain.NoSharding()
     else:
         sampler = grain.IndexSampler(

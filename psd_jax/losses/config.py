@@ -126,7 +126,7 @@ class LossConfig:
         """Whether the train state keeps the last step's embeddings of the repeated pairs."""
         return self.kind == 'psd' and self.teacher == 'previous_step'
 
-    def carried_pairs(self, batch_size: int) -> int:
+    def repeated_pairs(self, batch_size: int) -> int:
         """Pairs of each global batch repeated from the previous one (previous-step teacher)."""
         if not self.needs_carry:
             return 0

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from psd_jax.models.dense import Dense
 from psd_jax.models.norm import LayerNorm
 from psd_jax.models.tracing import constrain_batch
 
@@ -95,15 +96,15 @@ class SelfAttention(nn.Module):
         if width % self.heads:
             raise ValueError(f'width {width} does not divide into heads={self.heads}')
         head_dim = width // self.heads
-        qkv = nn.DenseGeneral(
-            features=(3, self.heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
+        qkv = Dense(
+            features=(3, self.heads, head_dim), dtype=self.dtype,
             kernel_init=normal(self.in_std, ('embed', None, 'heads', 'kv')),
             bias_init=zeros((None, 'heads', 'kv')), name='qkv')(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
                                          implementation=ATTENTION_IMPLS[self.attention])
-        return nn.DenseGeneral(
-            features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+        return Dense(
+            features=(width,), in_axes=2, dtype=self.dtype,
             kernel_init=normal(self.out_std, ('heads', 'kv', 'embed')),
             bias_init=zeros(('embed',)), name='out')(y)
 
@@ -120,11 +121,11 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         hidden = int(width * self.mlp_ratio)
-        h = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32,
+        h = Dense((hidden,), dtype=self.dtype,
                      kernel_init=normal(self.fc_std, ('embed', 'mlp')),
                      bias_init=zeros(('mlp',)), name='fc')(x)
         h = activation(self.act)(h)
-        return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
+        return Dense((width,), dtype=self.dtype,
                         kernel_init=normal(self.proj_std, ('mlp', 'embed')),
                         bias_init=zeros(('embed',)), name='proj')(h)
 

@@ -59,7 +59,8 @@ class StepSetup:
     lr_fn: Callable
     mesh: Mesh
     bank_size: int = 0  # dataset size N, for the embedding-bank teacher
-    carried: int = 0  # pairs per global batch repeated from the previous (previous-step teacher)
+    # pairs per global batch repeated from the previous one (previous-step teacher)
+    repeated_pairs: int = 0
     # GradCache accumulation over k micro-batches (psd_jax/training/accumulate.py)
     micro_batches: int = 1
     max_update_ratio: float = 1.0  # a larger update-to-parameter norm ratio is skipped (guard)
@@ -68,8 +69,8 @@ class StepSetup:
         if self.loss.needs_bank and self.bank_size <= 0:
             raise ValueError("psd.teacher='bank' needs the dataset size (StepSetup.bank_size) "
                              'to size the embedding bank')
-        if self.carried and not self.loss.needs_carry:
-            raise ValueError("StepSetup.carried is only for psd.teacher='previous_step'")
+        if self.repeated_pairs and not self.loss.needs_carry:
+            raise ValueError("StepSetup.repeated_pairs is only for psd.teacher='previous_step'")
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -123,8 +124,9 @@ def _empty_bank(setup: StepSetup) -> dict:
 
 
 def _empty_carry(setup: StepSetup) -> dict:
-    zeros = jnp.zeros((setup.carried, setup.model.image_tower.embed_dim), jnp.float32)
-    return {'image': zeros, 'text': zeros, 'index': jnp.full((setup.carried,), -1, jnp.int32),
+    k = setup.repeated_pairs
+    zeros = jnp.zeros((k, setup.model.image_tower.embed_dim), jnp.float32)
+    return {'image': zeros, 'text': zeros, 'index': jnp.full((k,), -1, jnp.int32),
             'logit_scale': jnp.zeros((), jnp.float32)}
 
 
@@ -215,7 +217,7 @@ def _previous_step_teacher(state: TrainState, batch: dict,
                            batch_size: int) -> tuple[losses.Teacher, jax.Array]:
     """The last step's embeddings of the k pairs this batch repeats (its first k slots) as the
     teacher among them; returns it and the (B,) subset: the first k slots whose dataset index
-    matches the carried one (none at step 0, or if the data does not line up)."""
+    matches the kept one (none at step 0, or if the data does not line up)."""
     carry = state.carry
     k = carry['index'].shape[0]
     mask = jnp.zeros((batch_size,), bool).at[:k].set(batch['index'][:k] == carry['index'])
@@ -315,9 +317,10 @@ def _train_step(setup: StepSetup, state: TrainState, batch: dict) -> tuple[Train
         if setup.loss.needs_bank:
             teacher, subset = _bank_teacher(state, batch, subset)
         elif setup.loss.needs_carry:
-            if setup.carried != setup.loss.carried_pairs(batch_size):
-                raise ValueError(f'StepSetup.carried={setup.carried}, but a global batch of '
-                                 f'{batch_size} repeats {setup.loss.carried_pairs(batch_size)}')
+            if setup.repeated_pairs != setup.loss.repeated_pairs(batch_size):
+                raise ValueError(f'StepSetup.repeated_pairs={setup.repeated_pairs}, but a global '
+                                 f'batch of {batch_size} repeats '
+                                 f'{setup.loss.repeated_pairs(batch_size)}')
             teacher, subset = _previous_step_teacher(state, batch, batch_size)
         elif setup.loss.needs_teacher_forward:
             teacher = _forward_teacher(setup, state, batch, indices, batch_size)

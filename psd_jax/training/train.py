@@ -96,7 +96,7 @@ class Run:
 
         def data(start_batch: int = 0) -> Iterator[dict]:
             return training_loader(config, source, self.tokenizer, self.spec,
-                                   self.setup.carried, start_batch)
+                                   self.setup.repeated_pairs, start_batch)
 
         self.shardings = step.state_shardings(self.setup, config.param_sharding)
         self.ckpt = checkpointing.Checkpointer(self.workdir, config.train.keep_checkpoints,
