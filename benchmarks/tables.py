@@ -155,6 +155,21 @@ def fit_levers(root: pathlib.Path) -> str:
                             'lrllr', rows), ''] + ['<br>'.join(sources)])
 
 
+
+def fit_summary(root: pathlib.Path) -> str:
+    """README's scale paragraph: ViT-B/16 PSD's largest global batch with each lever."""
+    name = 'benchmarks/results/fit.json'
+    runs = load(root, name)['runs']
+    largest = {f['lever']: f['largest_batch'] for key in ('vitb16_remat_none', 'vitb16_remat_full',
+                                                          'vitb16_accumulation')
+               for f in runs[key]['fit']}
+    k = runs['vitb16_accumulation']['fit'][0]['overrides']['train.micro_batches']
+    return (f'On v4-128, ViT-B/16 PSD fits a global batch of {largest["remat none"]:,} without a '
+            f'lever, {largest["remat full"]:,} with `model.remat=full`, '
+            f'{largest["accumulation"]:,} with accumulation (k = {k}) and '
+            f'{largest["accumulation, remat full"]:,} with both (`{name}`, commits '
+            + ', '.join(sorted({runs[key]['commit'] for key in runs})) + ').')
+
 CASES = {'small': 'small ViT (width 256, depth 4, 64 px, patch 8; text 256 x 4, context 32)',
          'vitb32': 'ViT-B/32 (224 px, context 77)', 'vitb16': 'ViT-B/16 (224 px, bfloat16)'}
 
@@ -297,7 +312,8 @@ def protocol_default(root: pathlib.Path) -> str:
 
 
 TABLES = {'demo': demo, 'suite': suite, 'step_time': step_time, 'loss_memory': loss_memory,
-          'fit_own': fit_own, 'fit_levers': fit_levers, 'vs_open_clip': vs_open_clip,
+          'fit_own': fit_own, 'fit_levers': fit_levers, 'fit_summary': fit_summary,
+          'vs_open_clip': vs_open_clip,
           'profile': profile, 'input_pipeline': input_pipeline,
           'prepare_throughput': prepare_throughput, 'flops': flops,
           'layers_tpu': layers_tpu,
