@@ -305,7 +305,7 @@ def test_bank_teacher_distils_from_each_pairs_last_visit(devices, seed):
 def test_previous_step_teacher_distils_among_the_repeated_pairs(devices, seed):
     """psd.teacher='previous_step' (DLB): the first k = B/4 pairs of a batch repeat slots
     [k, 2k) of the previous batch, and the previous step's embeddings (and scale) of them are
-    the teacher among them. Step 1 has nothing carried (plain CLIP); step 2 equals psd_loss
+    the teacher among them. Step 1 has nothing kept (plain CLIP); step 2 equals psd_loss
     given that teacher explicitly (embeddings from an independent forward with step 1's
     parameters); step 3's repeated slots do not match the kept indices, so it is plain CLIP."""
     k = B // 4

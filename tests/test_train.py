@@ -126,8 +126,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, devices):
     la, lb = losses_by_step(tmp_path / 'straight'), losses_by_step(interrupted)
     assert la[8] == lb[8] and la[6] == lb[6]  # the resumed run saw the same batches
     records = [json.loads(x) for x in (interrupted / 'metrics.jsonl').read_text().splitlines()]
-    carried = {r['step']: r['subset_size'] for r in records if 'subset_size' in r}
-    assert carried and all(v == 16 for k, v in carried.items() if k > 1), carried
+    repeated = {r['step']: r['subset_size'] for r in records if 'subset_size' in r}
+    assert repeated and all(v == 16 for k, v in repeated.items() if k > 1), repeated
 
     # the same checkpoint restored onto 4 devices, parameters FSDP-sharded, is the same state
     c, _ = restored_params(interrupted, {'data': 2, 'fsdp': 2}, devices[:4], 'fsdp',
