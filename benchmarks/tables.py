@@ -156,6 +156,12 @@ def fit_levers(root: pathlib.Path) -> str:
 
 
 
+def commits(results) -> str:
+    """'commit X' or 'commits X, Y': the code states a set of results was measured at."""
+    names = sorted({r['commit'] for r in results})
+    return ('commit ' if len(names) == 1 else 'commits ') + ', '.join(names)
+
+
 def fit_summary(root: pathlib.Path) -> str:
     """README's scale paragraph: ViT-B/16 PSD's largest global batch with each lever."""
     name = 'benchmarks/results/fit.json'
@@ -167,8 +173,8 @@ def fit_summary(root: pathlib.Path) -> str:
     return (f'On v4-128, ViT-B/16 PSD fits a global batch of {largest["remat none"]:,} without a '
             f'lever, {largest["remat full"]:,} with `model.remat=full`, '
             f'{largest["accumulation"]:,} with accumulation (k = {k}) and '
-            f'{largest["accumulation, remat full"]:,} with both (`{name}`, commits '
-            + ', '.join(sorted({runs[key]['commit'] for key in runs})) + ').')
+            f'{largest["accumulation, remat full"]:,} with both (`{name}`, '
+            + commits(runs.values()) + ').')
 
 CASES = {'small': 'small ViT (width 256, depth 4, 64 px, patch 8; text 256 x 4, context 32)',
          'vitb32': 'ViT-B/32 (224 px, context 77)', 'vitb16': 'ViT-B/16 (224 px, bfloat16)'}
