@@ -100,6 +100,9 @@ def main() -> None:
               'median_s': median, 'runs': runs}
     if args.baseline is not None:
         result['speedup'] = median['baseline'] / median['current']
+        result['baseline_commit'] = subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'], cwd=args.baseline, capture_output=True,
+            text=True).stdout.strip()
     out.write_text(json.dumps(result, indent=1))
     print(f'wrote {out}')
 

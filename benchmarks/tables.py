@@ -271,6 +271,21 @@ def layers_tpu(root: pathlib.Path) -> str:
         source(name, result)])
 
 
+def dense_vjp(root: pathlib.Path) -> str:
+    """docs/design.md: the demo's wall time with and without the removed CPU dense backward."""
+    name = 'benchmarks/results/demo_dense_vjp.json'
+    r = load(root, name)
+
+    def runs(side):
+        return ' / '.join(f'{x["seconds"]:.1f}' for x in r['runs'][side])
+    return '\n'.join([table(
+        ['demo (configs/demo.py)', 'median s', 'runs s'], 'lrl',
+        [[f'with the hand-written CPU weight gradient ({r["baseline_commit"]})',
+          f'{r["median_s"]["baseline"]:.1f}', runs('baseline')],
+         [f'without it ({r["commit"]})', f'{r["median_s"]["current"]:.1f}', runs('current')]]),
+        '', source(name, r)])
+
+
 PROTOCOL = 'docs/results/protocol.json'
 SETTINGS = {
     'psd_ema-offdiag_x2': '**teacher share weighted by its off-diagonal mass (`soft_weight = '
@@ -322,7 +337,7 @@ TABLES = {'demo': demo, 'suite': suite, 'step_time': step_time, 'loss_memory': l
           'vs_open_clip': vs_open_clip,
           'profile': profile, 'input_pipeline': input_pipeline,
           'prepare_throughput': prepare_throughput, 'flops': flops,
-          'layers_tpu': layers_tpu,
+          'layers_tpu': layers_tpu, 'dense_vjp': dense_vjp,
           'protocol_ranking': protocol_ranking, 'protocol_default': protocol_default,
           'step_time_patch_dropout': lambda root: step_time(
               root, 'benchmarks/results/step_time_patch_dropout.json', patch_dropout=True)}
