@@ -14,12 +14,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from psd_jax.training import batch as batch_lib
 from psd_jax import sharding
-from psd_jax.persistence import checkpointing, layout
-from psd_jax.training import guard, metrics, step
-from psd_jax.training import flops as flops_lib, mfu as mfu_lib
 from psd_jax.evaluation import embed, run as evaluation
+from psd_jax.persistence import checkpointing, layout
+from psd_jax.training import batch as batch_lib, flops as flops_lib, guard, metrics
+from psd_jax.training import mfu as mfu_lib, step
 
 
 class Preempted(Exception):

@@ -21,11 +21,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from psd_jax.training import batch as batch_lib
-from psd_jax import losses
-from psd_jax.training import accumulate, guard
-from psd_jax import sharding as shd
+from psd_jax import losses, sharding as shd
 from psd_jax.models.clip import clip_logit_scale, logit_scale_value
+from psd_jax.training import accumulate, batch as batch_lib, guard
 
 NO_DECAY_LEAVES = ('bias', 'scale', 'logit_scale', 'logit_bias', 'class_embedding')
 

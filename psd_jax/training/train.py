@@ -14,17 +14,14 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from psd_jax import config as config_lib, sharding
-from psd_jax.persistence import checkpointing, layout, resume_rules
-from psd_jax.training import metrics
-from psd_jax import pretrained
-from psd_jax.training import mfu as mfu_lib
-from psd_jax.training import step
-from psd_jax.persistence import workdir as workdir_lib
+from psd_jax import config as config_lib, pretrained, sharding
 from psd_jax.data import datasets
 from psd_jax.data.from_config import make_tokenizer, training_loader, training_source
 from psd_jax.evaluation import run as evaluation
-from psd_jax.training.loop import PREEMPTED_EXIT_CODE, Loop, Preempted  # noqa: F401 -- main's names
+from psd_jax.persistence import checkpointing, layout, resume_rules
+from psd_jax.persistence import workdir as workdir_lib
+from psd_jax.training import metrics, mfu as mfu_lib, step
+from psd_jax.training.loop import PREEMPTED_EXIT_CODE, Loop, Preempted  # noqa: F401 (main's)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -157,11 +154,11 @@ def restore_or_init(config: ml_collections.ConfigDict, setup: step.StepSetup,
 
     Before a checkpoint's state is read, its config is compared with this one
     (psd_jax/persistence/resume_rules.py): a change to a key that defines the run is refused
-    by name, and
-    nothing is written; so is a change of the training data (its identity, saved with each
-    checkpoint) unless train.resume_allow_changes lists 'data'. A checkpoint written by another
-    number of hosts holds per-host data positions for another split of the batches, and one of
-    other data positions in other data: then the data restarts at its global batch."""
+    by name, and nothing is written; so is a change of the training data (its identity, saved
+    with each checkpoint) unless train.resume_allow_changes lists 'data'. A checkpoint written
+    by another number of hosts holds per-host data positions for another split of the batches,
+    and one of other data positions in other data: then the data restarts at its global
+    batch."""
     config_dict = json.loads(config.to_json_best_effort())
     changed: dict = {}
 
